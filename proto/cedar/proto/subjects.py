@@ -1,0 +1,1 @@
+SUBJ: str = "a"
