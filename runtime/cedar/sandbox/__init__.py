@@ -1,1 +1,4 @@
-"""Real local servers (NATS, Docker engine, registry) and a simulated Kubernetes API, for tests and `cedar up --sandbox`."""
+"""Real local servers (NATS, Docker engine, registry) and a simulated Kubernetes API.
+
+Used by the tests and by `cedar up --sandbox`.
+"""

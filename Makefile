@@ -1,0 +1,58 @@
+# Cedar — `make test` installs what the tests need and runs them; `make up` runs Cedar.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Debian packages the tests drive for real: a Docker engine, a registry, promtool.
+APT_PACKAGES := docker.io docker-registry prometheus
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+PYTEST_ARGS ?=
+
+.PHONY: test up deps system-deps lint typecheck pytest bench schemas clean
+
+test: deps lint typecheck pytest
+
+up: deps
+	@if [ -n "$$KUBECONFIG" ] || [ -f "$$HOME/.kube/config" ]; then \
+		$(VENV)/bin/cedar up; \
+	else \
+		echo "no Kubernetes cluster configured: starting the sandbox demo (cedar up --sandbox)"; \
+		$(VENV)/bin/cedar up --sandbox; \
+	fi
+
+deps: system-deps $(VENV)/.installed
+
+system-deps:
+	@missing=""; \
+	for pkg in $(APT_PACKAGES); do dpkg -s $$pkg >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	@[ -x $(PY) ] || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	@touch $@
+
+PACKAGE_DIRS := runtime/cedar proto/cedar services/watcher/cedar services/puller/cedar services/mcs-allocator/cedar
+
+lint: deps
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: deps
+	$(VENV)/bin/mypy $(PACKAGE_DIRS)
+
+pytest: deps
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+schemas: deps
+	$(PY) -m cedar.proto.schemas
+
+bench: deps
+	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

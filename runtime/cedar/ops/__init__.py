@@ -1,0 +1,1 @@
+"""Operator commands: up, replay, status, prepull."""

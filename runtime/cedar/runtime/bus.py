@@ -1,0 +1,245 @@
+"""The NATS connection every service uses, and the streams and KV buckets Cedar owns.
+
+The connection is retried forever with backoff, at start and after any outage, so a
+service never dies because NATS is briefly away. Streams and buckets are created or
+updated idempotently by whichever service starts first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable
+from datetime import timedelta
+
+import nats
+from nats.aio.client import Client as NatsClient
+from nats.errors import ConnectionClosedError, NoRespondersError
+from nats.errors import Error as NatsError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from nats.js.api import (
+    DiscardPolicy,
+    KeyValueConfig,
+    StorageType,
+    StreamConfig,
+    StreamSource,
+)
+from nats.js.errors import BadRequestError, ServiceUnavailableError
+from nats.js.kv import KeyValue
+
+from cedar.proto import subjects
+from cedar.runtime.backoff import Backoff
+from cedar.runtime.health import Health
+from cedar.runtime.metrics import NATS_CONNECTED
+from cedar.runtime.settings import CommonSettings
+
+log = logging.getLogger("cedar.bus")
+
+# Errors that mean "NATS is away for now", as opposed to a request it refuses.
+TRANSIENT_ERRORS = (
+    TimeoutError,
+    NatsTimeoutError,
+    NoRespondersError,
+    ConnectionClosedError,
+    ServiceUnavailableError,
+)
+
+# Two watcher replicas publish the same change within milliseconds of each other; the
+# window only has to cover that and a reconnect's republish.
+DUPLICATE_WINDOW = timedelta(minutes=2)
+
+
+def workloads_stream(settings: CommonSettings) -> StreamConfig:
+    return StreamConfig(
+        name=subjects.STREAM_WORKLOADS,
+        description="Desired image sets: the last message per workload (or its deletion marker).",
+        subjects=[f"{subjects.WORKLOADS_PREFIX}.>"],
+        max_msgs_per_subject=1,
+        allow_msg_ttl=True,  # deletion markers and prepull entries expire; live workloads never
+        allow_direct=True,
+        allow_rollup_hdrs=True,
+        discard=DiscardPolicy.OLD,
+        duplicate_window=DUPLICATE_WINDOW.total_seconds(),
+        storage=StorageType.FILE,
+        num_replicas=settings.nats_replicas,
+    )
+
+
+def namespaces_stream(settings: CommonSettings) -> StreamConfig:
+    return StreamConfig(
+        name=subjects.STREAM_NAMESPACES,
+        description="Namespace lifecycle: the last event per namespace.",
+        subjects=[f"{subjects.NAMESPACES_PREFIX}.>"],
+        max_msgs_per_subject=1,
+        allow_msg_ttl=True,
+        allow_direct=True,
+        discard=DiscardPolicy.OLD,
+        duplicate_window=DUPLICATE_WINDOW.total_seconds(),
+        storage=StorageType.FILE,
+        num_replicas=settings.nats_replicas,
+    )
+
+
+def history_stream(settings: CommonSettings) -> StreamConfig:
+    return StreamConfig(
+        name=subjects.STREAM_HISTORY,
+        description="Every change, audit record and puller decision, for `cedar replay`.",
+        subjects=[f"{subjects.AUDIT_PREFIX}.>", f"{subjects.DECISIONS_PREFIX}.>"],
+        sources=[
+            StreamSource(name=subjects.STREAM_WORKLOADS),
+            StreamSource(name=subjects.STREAM_NAMESPACES),
+        ],
+        max_age=settings.history_retention.total_seconds(),
+        discard=DiscardPolicy.OLD,
+        storage=StorageType.FILE,
+        num_replicas=settings.nats_replicas,
+    )
+
+
+def kv_bucket(settings: CommonSettings, bucket: str, history: int = 1) -> KeyValueConfig:
+    return KeyValueConfig(
+        bucket=bucket, history=history, storage=StorageType.FILE, replicas=settings.nats_replicas
+    )
+
+
+async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    try:
+        await js.add_stream(config)
+    except BadRequestError as err:
+        # 10058: exists with another configuration; bring it to ours.
+        if err.err_code != 10058:
+            raise
+        log.info("updating stream configuration", extra={"stream": config.name})
+        await js.update_stream(config)
+
+
+async def ensure_kv(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
+    try:
+        return await js.create_key_value(config)
+    except BadRequestError as err:
+        if err.err_code != 10058:
+            raise
+        log.warning(
+            "KV bucket exists with another configuration; using it as it is",
+            extra={"bucket": config.bucket},
+        )
+        return await js.key_value(config.bucket)
+
+
+class Bus:
+    """A NATS connection with JetStream that reconnects forever.
+
+    `connect()` returns once connected (retrying with backoff) or when `stop` is set.
+    Readiness check `nats` follows the connection state.
+    """
+
+    def __init__(self, settings: CommonSettings, name: str, health: Health) -> None:
+        self.settings = settings
+        self.name = name
+        self.health = health
+        health.require("nats")
+        self._nc: NatsClient | None = None
+        self._js: JetStreamContext | None = None
+        self.connected_event = asyncio.Event()
+
+    @property
+    def nc(self) -> NatsClient:
+        if self._nc is None:
+            raise RuntimeError("NATS is not connected yet")
+        return self._nc
+
+    @property
+    def js(self) -> JetStreamContext:
+        if self._js is None:
+            raise RuntimeError("NATS is not connected yet")
+        return self._js
+
+    @property
+    def connected(self) -> bool:
+        return self._nc is not None and self._nc.is_connected
+
+    def _set_state(self, up: bool, reason: str = "") -> None:
+        NATS_CONNECTED.set(1 if up else 0)
+        self.health.set("nats", up, reason)
+        if up:
+            self.connected_event.set()
+        else:
+            self.connected_event.clear()
+
+    async def _disconnected(self) -> None:
+        log.warning("NATS connection lost; reconnecting", extra={"servers": self.settings.nats_url})
+        self._set_state(False, "disconnected")
+
+    async def _reconnected(self) -> None:
+        log.info("NATS connection restored")
+        self._set_state(True)
+
+    async def _error(self, err: Exception) -> None:
+        log.debug("NATS client error: %s", err)
+
+    async def connect(self, stop: asyncio.Event | None = None) -> bool:
+        backoff = Backoff(base=0.2, cap=10.0)
+        password = self.settings.nats_password
+        while stop is None or not stop.is_set():
+            try:
+                self._nc = await nats.connect(
+                    servers=self.settings.nats_servers,
+                    name=self.name,
+                    user=self.settings.nats_user,
+                    password=password.get_secret_value() if password else None,
+                    connect_timeout=2,
+                    reconnect_time_wait=1,
+                    max_reconnect_attempts=-1,
+                    allow_reconnect=True,
+                    disconnected_cb=self._disconnected,
+                    reconnected_cb=self._reconnected,
+                    error_cb=self._error,
+                )
+            except (NatsError, OSError, TimeoutError) as err:
+                delay = backoff.next_delay()
+                log.warning(
+                    "cannot reach NATS at %s (%s); retrying in %.1fs — check CEDAR_NATS_URL",
+                    self.settings.nats_url,
+                    err.__class__.__name__,
+                    delay,
+                )
+                self._set_state(False, f"cannot connect: {err.__class__.__name__}")
+                if stop is None:
+                    await asyncio.sleep(delay)
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), delay)
+                continue
+            self._js = self._nc.jetstream(timeout=5)
+            self._set_state(True)
+            log.info("connected to NATS", extra={"server": str(self._nc.connected_url)})
+            return True
+        return False
+
+    async def ensure(
+        self,
+        streams: Iterable[StreamConfig] = (),
+        buckets: Iterable[KeyValueConfig] = (),
+    ) -> dict[str, KeyValue]:
+        """Create or update streams and buckets; retried while NATS is unreachable."""
+        backoff = Backoff(base=0.2, cap=5.0)
+        streams, buckets = list(streams), list(buckets)
+        while True:
+            try:
+                for stream in streams:
+                    await ensure_stream(self.js, stream)
+                return {b.bucket: await ensure_kv(self.js, b) for b in buckets}
+            except TRANSIENT_ERRORS as err:
+                delay = backoff.next_delay()
+                log.warning("cannot set up JetStream yet (%s); retrying in %.1fs", err, delay)
+                await asyncio.sleep(delay)
+
+    async def close(self) -> None:
+        if self._nc is not None and not self._nc.is_closed:
+            try:
+                await self._nc.drain()
+            except (NatsError, TimeoutError):
+                await self._nc.close()
+        self._set_state(False, "closed")

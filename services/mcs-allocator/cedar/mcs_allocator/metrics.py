@@ -1,0 +1,21 @@
+"""The allocator's metrics. Names are public interface (dashboards, alerts): see DESIGN.md."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge
+
+LABELS = Gauge("cedar_mcs_labels", "MCS labels by state (allocated, quarantined, free).", ["state"])
+ALLOCATIONS = Counter(
+    "cedar_mcs_allocations",
+    "Allocation attempts by result (allocated, adopted, existing, exhausted, conflict, error).",
+    ["result"],
+)
+TAMPER = Counter(
+    "cedar_mcs_tamper", "Namespace annotations found changed or removed, and restored."
+)
+CONFLICTS = Gauge(
+    "cedar_mcs_conflicts", "Labels claimed by more than one namespace (found by repair)."
+)
+PATCH_FAILURES = Counter(
+    "cedar_mcs_patch_failures", "Failed PATCHes of a namespace annotation (retried)."
+)

@@ -1,0 +1,37 @@
+"""The watcher's metrics. Names are public interface (dashboards, alerts): see DESIGN.md."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge
+
+EVENTS = Counter(
+    "cedar_watcher_events",
+    "Watch and list events seen, by Kubernetes kind and event type.",
+    ["kind", "type"],
+)
+WORKLOADS = Gauge("cedar_watcher_workloads", "Workloads currently known, by kind.", ["kind"])
+PUBLISHES = Counter(
+    "cedar_watcher_publishes",
+    "Messages published to JetStream, by result (stored, duplicate, error).",
+    ["result"],
+)
+RELISTS = Counter(
+    "cedar_watcher_relists",
+    "Full relists, by kind and reason (start, expired, stream_broken, error).",
+    ["kind", "reason"],
+)
+LAST_SYNC = Gauge(
+    "cedar_watcher_last_sync_timestamp_seconds",
+    "Unix time of the last complete list or bookmark for a kind; age = time() - this.",
+    ["kind"],
+)
+SYNCED = Gauge("cedar_watcher_synced", "1 once the kind's first full list is done.", ["kind"])
+BAD_OBJECTS = Counter(
+    "cedar_watcher_bad_objects",
+    "Objects that could not be read in full, by kind and reason.",
+    ["kind", "reason"],
+)
+PENDING_PUBLISHES = Gauge(
+    "cedar_watcher_pending_publishes",
+    "Changes waiting to be published (grows while NATS is unreachable).",
+)
