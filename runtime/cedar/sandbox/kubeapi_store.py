@@ -1,0 +1,509 @@
+"""The bookkeeping of the simulated Kubernetes API: objects, resourceVersions, history, pages.
+
+Thread-safe and free of I/O: the HTTP layer (kubeapi.py) and the tests' control calls both
+use it. Objects are serialised to JSON bytes once per write so that lists and watch events
+are built by joining bytes, which keeps a 60,000-object list cheap.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import bisect
+import datetime
+import json
+import random
+import string
+import threading
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from cedar.sandbox.kubeapi_ops import (
+    ApiError,
+    JsonObj,
+    LabelMatcher,
+    Matcher,
+    ResourceTable,
+    ResourceType,
+    apply_patch,
+)
+
+ObjKey = tuple[str, str]  # (namespace or "", name)
+
+
+_encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, check_circular=False)
+
+
+def dump(obj: Any) -> bytes:
+    return _encoder.encode(obj).encode("utf-8")
+
+
+def clone(obj: Any) -> Any:
+    """A deep copy of JSON data; a JSON round trip is several times faster than deepcopy."""
+    return json.loads(_encoder.encode(obj))
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(slots=True)
+class Stored:
+    obj: JsonObj
+    raw: bytes
+
+
+@dataclass(slots=True, frozen=True)
+class WatchEvent:
+    rv: int
+    type: str
+    obj: JsonObj
+    line: bytes  # the whole newline-terminated watch event
+
+
+@dataclass(frozen=True)
+class WatchFilter:
+    namespace: str | None = None
+    labels: LabelMatcher | None = None
+    fields: Matcher | None = None
+
+    def matches(self, obj: JsonObj) -> bool:
+        meta = obj.get("metadata") or {}
+        if self.namespace is not None and meta.get("namespace") != self.namespace:
+            return False
+        if self.labels is not None and not self.labels(meta.get("labels") or {}):
+            return False
+        return self.fields is None or self.fields(obj)
+
+
+@dataclass
+class _Bucket:
+    """Everything about one resource type."""
+
+    history_limit: int
+    objects: dict[ObjKey, Stored] = field(default_factory=dict)
+    keys: list[ObjKey] = field(default_factory=list)  # sorted, for pagination
+    keys_sorted: bool = True
+    history: deque[WatchEvent] = field(default_factory=deque)
+    # Watches (and list continuations) from a resourceVersion below this get 410 Gone:
+    # the events after it are no longer all in `history`.
+    floor: int = 0
+
+    def sorted_keys(self) -> list[ObjKey]:
+        if not self.keys_sorted:
+            self.keys.sort()
+            self.keys_sorted = True
+        return self.keys
+
+    def add_key(self, key: ObjKey) -> None:
+        if self.keys_sorted:
+            bisect.insort(self.keys, key)
+        else:
+            self.keys.append(key)
+
+    def remove_key(self, key: ObjKey) -> None:
+        keys = self.sorted_keys()
+        index = bisect.bisect_left(keys, key)
+        if index < len(keys) and keys[index] == key:
+            del keys[index]
+
+    def record(self, event: WatchEvent) -> None:
+        if len(self.history) >= self.history_limit:
+            self.floor = max(self.floor, self.history.popleft().rv)
+        self.history.append(event)
+
+
+def expired_status(message: str) -> JsonObj:
+    return ApiError(410, "Expired", message).status()
+
+
+def event_line(type_: str, raw: bytes) -> bytes:
+    return b'{"type":"' + type_.encode() + b'","object":' + raw + b"}\n"
+
+
+def _encode_continue(rv: int, key: ObjKey) -> str:
+    return base64.urlsafe_b64encode(dump({"rv": rv, "start": list(key)})).decode()
+
+
+def _decode_continue(token: str) -> tuple[int, ObjKey]:
+    try:
+        data = json.loads(base64.urlsafe_b64decode(token.encode()))
+        rv, (namespace, name) = int(data["rv"]), data["start"]
+        return rv, (str(namespace), str(name))
+    except (ValueError, KeyError, TypeError, binascii.Error):
+        raise ApiError(400, "BadRequest", f"invalid continue token {token!r}") from None
+
+
+class Store:
+    def __init__(
+        self,
+        table: ResourceTable | None = None,
+        *,
+        history_limit: int = 10_000,
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
+        self.table = table or ResourceTable()
+        self.history_limit = history_limit
+        # Called after every write, from whichever thread wrote; must be cheap and thread-safe.
+        self.on_change = on_change
+        self._lock = threading.RLock()
+        # Never 0: to a watch, resourceVersion "0" means "any", not "the start".
+        self._rv = 1
+        # Bumped by expire(): open watches notice it and end with a 410 ERROR event.
+        self.epoch = 0
+        self._buckets: dict[ResourceType, _Bucket] = {
+            r: _Bucket(history_limit) for r in self.table.all
+        }
+
+    # ------------------------------------------------------------ helpers
+
+    @property
+    def resource_version(self) -> int:
+        with self._lock:
+            return self._rv
+
+    def _bucket(self, res: ResourceType) -> _Bucket:
+        return self._buckets[res]
+
+    def _key(self, res: ResourceType, namespace: str | None, name: str) -> ObjKey:
+        if res.namespaced and not namespace:
+            raise ApiError(400, "BadRequest", f"{res.plural} are namespaced: namespace required")
+        return (namespace or "" if res.namespaced else "", name)
+
+    def _find(self, res: ResourceType, namespace: str | None, name: str) -> Stored:
+        stored = self._bucket(res).objects.get(self._key(res, namespace, name))
+        if stored is None:
+            raise ApiError(
+                404,
+                "NotFound",
+                f'{res.plural} "{name}" not found',
+                {"name": name, "group": res.group, "kind": res.plural},
+            )
+        return stored
+
+    def _notify(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
+
+    def _commit(self, res: ResourceType, key: ObjKey, obj: JsonObj, type_: str) -> bytes:
+        """Assign the next resourceVersion, store (or drop) the object and record the event."""
+        self._rv += 1
+        obj["metadata"]["resourceVersion"] = str(self._rv)
+        raw = dump(obj)
+        bucket = self._bucket(res)
+        if type_ == "DELETED":
+            del bucket.objects[key]
+            bucket.remove_key(key)
+        else:
+            if key not in bucket.objects:
+                bucket.add_key(key)
+            bucket.objects[key] = Stored(obj, raw)
+        bucket.record(WatchEvent(self._rv, type_, obj, event_line(type_, raw)))
+        return raw
+
+    def _prepare_new(
+        self, res: ResourceType, obj: JsonObj, namespace: str | None, *, owned: bool = False
+    ) -> JsonObj:
+        # An owned object is copied only where it is changed here (bulk loads).
+        obj = {**obj, "metadata": dict(obj.get("metadata") or {})} if owned else clone(obj)
+        obj["apiVersion"] = res.api_version
+        obj["kind"] = res.kind
+        meta = obj.setdefault("metadata", {})
+        if not meta.get("name"):
+            prefix = meta.get("generateName")
+            if not prefix:
+                raise ApiError(422, "Invalid", "metadata.name or metadata.generateName required")
+            suffix = "".join(random.choices(string.ascii_lowercase + string.digits, k=5))
+            meta["name"] = prefix + suffix
+        if res.namespaced:
+            body_ns = meta.get("namespace")
+            if namespace and body_ns and body_ns != namespace:
+                raise ApiError(400, "BadRequest", "the namespace of the object does not match")
+            meta["namespace"] = namespace or body_ns or "default"
+        else:
+            meta.pop("namespace", None)
+        meta["uid"] = str(uuid.uuid4())
+        meta["creationTimestamp"] = _now()
+        if res.has_generation:
+            meta["generation"] = 1
+        if res.kind == "Namespace":
+            obj.setdefault("spec", {}).setdefault("finalizers", ["kubernetes"])
+            obj.setdefault("status", {}).setdefault("phase", "Active")
+        return obj
+
+    # ------------------------------------------------------------ writes
+
+    def create(self, res: ResourceType, obj: JsonObj, namespace: str | None = None) -> JsonObj:
+        new = self._prepare_new(res, obj, namespace)
+        meta = new["metadata"]
+        with self._lock:
+            key = self._key(res, meta.get("namespace"), meta["name"])
+            if key in self._bucket(res).objects:
+                raise ApiError(
+                    409,
+                    "AlreadyExists",
+                    f'{res.plural} "{meta["name"]}" already exists',
+                    {"name": meta["name"], "group": res.group, "kind": res.plural},
+                )
+            result: JsonObj = json.loads(self._commit(res, key, new, "ADDED"))
+        self._notify()
+        return result
+
+    def load(self, res: ResourceType, objects: Iterable[JsonObj]) -> int:
+        """Insert many objects at once: one sort and one notification for all of them.
+
+        The store takes ownership: the caller must not change the objects afterwards.
+        """
+        count = 0
+        prepared = [self._prepare_new(res, obj, None, owned=True) for obj in objects]
+        with self._lock:
+            bucket = self._bucket(res)
+            bucket.keys_sorted = False
+            for new in prepared:
+                meta = new["metadata"]
+                key = self._key(res, meta.get("namespace"), meta["name"])
+                if key in bucket.objects:
+                    raise ApiError(409, "AlreadyExists", f'{res.plural} "{meta["name"]}" exists')
+                self._commit(res, key, new, "ADDED")
+                count += 1
+        self._notify()
+        return count
+
+    def _write(
+        self,
+        res: ResourceType,
+        namespace: str | None,
+        name: str,
+        compute: Callable[[JsonObj], JsonObj],
+        *,
+        subresource: str | None,
+        keep_status: bool,
+    ) -> JsonObj:
+        """Replace an object with `compute(current)`, keeping the fields clients cannot change."""
+        with self._lock:
+            stored = self._find(res, namespace, name)
+            old = stored.obj
+            new = compute(clone(old))
+            meta = new.setdefault("metadata", {})
+            sent_rv = meta.get("resourceVersion")
+            if sent_rv not in (None, "", old["metadata"]["resourceVersion"]):
+                raise ApiError(
+                    409,
+                    "Conflict",
+                    f'Operation cannot be fulfilled on {res.plural} "{name}": the object has '
+                    "been modified; please apply your changes to the latest version and try again",
+                    {"name": name, "group": res.group, "kind": res.plural},
+                )
+            if subresource == "status":
+                # Only the status changes through /status.
+                new = {**clone(old), "status": new.get("status")}
+                meta = new["metadata"]
+            elif subresource is not None:
+                raise ApiError(404, "NotFound", f"subresource {subresource!r} is not served")
+            elif keep_status and res.has_status:
+                # The main resource ignores status when a /status subresource exists.
+                new["status"] = clone(old.get("status"))
+                if new["status"] is None:
+                    del new["status"]
+            new["apiVersion"] = res.api_version
+            new["kind"] = res.kind
+            for immutable in ("name", "namespace", "uid", "creationTimestamp", "generation"):
+                if immutable in old["metadata"]:
+                    meta[immutable] = old["metadata"][immutable]
+                else:
+                    meta.pop(immutable, None)
+            meta["resourceVersion"] = old["metadata"]["resourceVersion"]
+            if new == old:
+                # The real API server neither bumps resourceVersion nor emits an event for a no-op.
+                return json.loads(stored.raw)  # type: ignore[no-any-return]
+            if res.has_generation and new.get("spec") != old.get("spec"):
+                meta["generation"] = int(old["metadata"].get("generation", 1)) + 1
+            result: JsonObj = json.loads(self._commit(res, stored_key(res, old), new, "MODIFIED"))
+        self._notify()
+        return result
+
+    def replace(
+        self,
+        res: ResourceType,
+        namespace: str | None,
+        name: str,
+        obj: JsonObj,
+        *,
+        subresource: str | None = None,
+        keep_status: bool = True,
+    ) -> JsonObj:
+        body = clone(obj)
+        body_name = (body.get("metadata") or {}).get("name")
+        if body_name not in (None, name):
+            raise ApiError(400, "BadRequest", "the name of the object does not match the URL")
+        return self._write(
+            res,
+            namespace,
+            name,
+            lambda _old: body,
+            subresource=subresource,
+            keep_status=keep_status,
+        )
+
+    def patch(
+        self,
+        res: ResourceType,
+        namespace: str | None,
+        name: str,
+        content_type: str,
+        patch: Any,
+        *,
+        subresource: str | None = None,
+    ) -> JsonObj:
+        return self._write(
+            res,
+            namespace,
+            name,
+            lambda old: apply_patch(old, content_type, patch),
+            subresource=subresource,
+            keep_status=True,
+        )
+
+    def delete(self, res: ResourceType, namespace: str | None, name: str) -> JsonObj:
+        with self._lock:
+            stored = self._find(res, namespace, name)
+            result: JsonObj = json.loads(stored.raw)
+            self._commit(res, stored_key(res, stored.obj), clone(stored.obj), "DELETED")
+            if res.kind == "Namespace":
+                # What the namespace controller eventually does, done at once.
+                for other, bucket in self._buckets.items():
+                    if other.namespaced:
+                        for key in [k for k in bucket.sorted_keys() if k[0] == name]:
+                            obj = clone(bucket.objects[key].obj)
+                            self._commit(other, key, obj, "DELETED")
+        self._notify()
+        return result
+
+    def reset(self) -> None:
+        """Forget every object and all history; resourceVersions keep increasing."""
+        with self._lock:
+            self._rv += 1
+            self.epoch += 1
+            for bucket in self._buckets.values():
+                bucket.objects.clear()
+                bucket.keys.clear()
+                bucket.keys_sorted = True
+                bucket.history.clear()
+                bucket.floor = self._rv
+        self._notify()
+
+    def expire(self) -> None:
+        """Compact: open watches end with 410, and so does any watch from an RV seen so far."""
+        with self._lock:
+            self._rv += 1
+            self.epoch += 1
+            for bucket in self._buckets.values():
+                bucket.history.clear()
+                bucket.floor = self._rv
+        self._notify()
+
+    # ------------------------------------------------------------ reads
+
+    def get(self, res: ResourceType, namespace: str | None, name: str) -> JsonObj:
+        with self._lock:
+            raw = self._find(res, namespace, name).raw
+        result: JsonObj = json.loads(raw)
+        return result
+
+    def get_raw(self, res: ResourceType, namespace: str | None, name: str) -> bytes:
+        with self._lock:
+            return self._find(res, namespace, name).raw
+
+    def list_objects(self, res: ResourceType, flt: WatchFilter | None = None) -> list[JsonObj]:
+        with self._lock:
+            bucket = self._bucket(res)
+            raws = [
+                bucket.objects[k].raw
+                for k in bucket.sorted_keys()
+                if flt is None or flt.matches(bucket.objects[k].obj)
+            ]
+        return [json.loads(raw) for raw in raws]
+
+    def list_page(
+        self,
+        res: ResourceType,
+        flt: WatchFilter,
+        *,
+        limit: int | None = None,
+        continue_token: str | None = None,
+    ) -> bytes:
+        """A whole `<Kind>List` response body, one page of it when `limit` is given."""
+        namespace = flt.namespace
+        with self._lock:
+            bucket = self._bucket(res)
+            keys = bucket.sorted_keys()
+            if continue_token:
+                snapshot_rv, start = _decode_continue(continue_token)
+                if snapshot_rv < bucket.floor:
+                    raise ApiError(
+                        410,
+                        "Expired",
+                        "The provided continue parameter is too old to display a consistent "
+                        "list result. You can start a new list without the continue parameter.",
+                    )
+                index = bisect.bisect_right(keys, start)
+            else:
+                snapshot_rv = self._rv
+                index = bisect.bisect_left(keys, (namespace, "")) if namespace else 0
+            items: list[bytes] = []
+            while index < len(keys) and (limit is None or len(items) < limit):
+                key = keys[index]
+                if namespace is not None and key[0] != namespace:
+                    index = len(keys)
+                    break
+                stored = bucket.objects[key]
+                if (flt.labels is None and flt.fields is None) or flt.matches(stored.obj):
+                    items.append(stored.raw)
+                index += 1
+            more = index < len(keys) and (namespace is None or keys[index][0] == namespace)
+            token = _encode_continue(snapshot_rv, keys[index - 1]) if more else ""
+        meta: JsonObj = {"resourceVersion": str(snapshot_rv)}
+        if token:
+            meta["continue"] = token
+        head = dump({"kind": res.list_kind, "apiVersion": res.api_version, "metadata": meta})
+        return head[:-1] + b',"items":[' + b",".join(items) + b"]}"
+
+    def initial_events(self, res: ResourceType, flt: WatchFilter) -> tuple[list[bytes], int]:
+        """Synthetic ADDED events for a watch that starts without a resourceVersion."""
+        with self._lock:
+            bucket = self._bucket(res)
+            lines = [
+                event_line("ADDED", bucket.objects[k].raw)
+                for k in bucket.sorted_keys()
+                if flt.matches(bucket.objects[k].obj)
+            ]
+            return lines, self._rv
+
+    def events_since(
+        self, res: ResourceType, since: int, flt: WatchFilter
+    ) -> tuple[list[bytes], int] | None:
+        """Event lines after `since` and the RV they reach; None when `since` is too old (410)."""
+        with self._lock:
+            bucket = self._bucket(res)
+            if since < bucket.floor:
+                return None
+            picked: list[bytes] = []
+            for event in reversed(bucket.history):
+                if event.rv <= since:
+                    break
+                if flt.matches(event.obj):
+                    picked.append(event.line)
+            picked.reverse()
+            return picked, max(self._rv, since)
+
+    def is_expired(self, res: ResourceType, since: int) -> bool:
+        with self._lock:
+            return since < self._bucket(res).floor
+
+
+def stored_key(res: ResourceType, obj: JsonObj) -> ObjKey:
+    meta = obj["metadata"]
+    return (meta.get("namespace") or "" if res.namespaced else "", meta["name"])
