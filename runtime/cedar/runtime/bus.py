@@ -104,13 +104,24 @@ def kv_bucket(settings: CommonSettings, bucket: str, history: int = 1) -> KeyVal
     )
 
 
-async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+async def ensure_stream(js: JetStreamContext, config: StreamConfig, *, update: bool = True) -> None:
+    """Create the stream; if it exists with another configuration, update it to ours.
+
+    With `update=False` (a stream another service owns: its NATS user may create it but
+    not change it) an existing stream is left as it is.
+    """
     try:
         await js.add_stream(config)
     except BadRequestError as err:
-        # 10058: exists with another configuration; bring it to ours.
+        # 10058: exists with another configuration.
         if err.err_code != 10058:
             raise
+        if not update:
+            log.info(
+                "stream exists with another configuration; its owner manages it",
+                extra={"stream": config.name},
+            )
+            return
         log.info("updating stream configuration", extra={"stream": config.name})
         await js.update_stream(config)
 
@@ -177,7 +188,11 @@ class Bus:
         self._set_state(True)
 
     async def _error(self, err: Exception) -> None:
-        log.debug("NATS client error: %s", err)
+        # A refused publish or subscribe is a deployment error an operator must see.
+        if "permissions violation" in str(err).lower():
+            log.warning("NATS refused an operation: %s — check this service's NATS user", err)
+        else:
+            log.debug("NATS client error: %s", err)
 
     async def connect(self, stop: asyncio.Event | None = None) -> bool:
         backoff = Backoff(base=0.2, cap=10.0)
@@ -222,14 +237,20 @@ class Bus:
         self,
         streams: Iterable[StreamConfig] = (),
         buckets: Iterable[KeyValueConfig] = (),
+        *,
+        update: bool = True,
     ) -> dict[str, KeyValue]:
-        """Create or update streams and buckets; retried while NATS is unreachable."""
+        """Create (and, with `update`, reconfigure) streams and buckets.
+
+        Retried while NATS is unreachable. Pass `update=False` for streams this service
+        reads but does not own.
+        """
         backoff = Backoff(base=0.2, cap=5.0)
         streams, buckets = list(streams), list(buckets)
         while True:
             try:
                 for stream in streams:
-                    await ensure_stream(self.js, stream)
+                    await ensure_stream(self.js, stream, update=update)
                 return {b.bucket: await ensure_kv(self.js, b) for b in buckets}
             except TRANSIENT_ERRORS as err:
                 delay = backoff.next_delay()
