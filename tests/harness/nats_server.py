@@ -63,7 +63,8 @@ async def _delete_all_streams(url: str) -> None:
     try:
         js = nc.jetstream()
         for name in await js.streams_info():
-            await js.delete_stream(name.config.name)
+            if name.config.name:
+                await js.delete_stream(name.config.name)
     finally:
         await nc.close()
 

@@ -1,0 +1,225 @@
+"""The node's Docker engine, through aiodocker: pull, list, remove, and error classes.
+
+Every failure is reduced to one reason the rest of the puller (and the operator) acts on:
+not_found, unauthorized, timeout, invalid_reference, engine_error, low_disk, or
+registry_down (the registry could not be reached at all; it opens the breaker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import aiodocker
+import aiohttp
+
+from cedar.proto.imageref import ImageReference
+from cedar.puller.prune import LocalImage
+
+log = logging.getLogger("cedar.puller.engine")
+
+_DIGEST = re.compile(r"Digest: (sha256:[0-9a-f]{64})")
+
+# Checked in order: the first class whose pattern occurs in the engine's message wins.
+_CLASSES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("low_disk", ("no space left on device", "disk quota exceeded")),
+    (
+        "unauthorized",
+        (
+            "unauthorized",
+            "authentication required",
+            "no basic auth credentials",
+            "denied",
+            "forbidden",
+            "incorrect username or password",
+        ),
+    ),
+    (
+        "invalid_reference",
+        ("invalid reference format", "invalid repository name", "invalid tag format"),
+    ),
+    ("not_found", ("manifest unknown", "not found", "does not exist", "name unknown")),
+    (
+        "timeout",
+        (
+            "timeout",
+            "timed out",
+            "deadline exceeded",
+            "tls handshake timeout",
+        ),
+    ),
+    (
+        "registry_down",
+        (
+            "connection refused",
+            "no route to host",
+            "no such host",
+            "connection reset by peer",
+            "server misbehaving",
+            "network is unreachable",
+            "eof",
+            "bad gateway",
+            "service unavailable",
+        ),
+    ),
+)
+
+
+def classify(message: str) -> str:
+    text = message.lower()
+    for reason, patterns in _CLASSES:
+        if any(p in text for p in patterns):
+            return reason
+    return "engine_error"
+
+
+class EngineError(Exception):
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message
+
+
+class ImageEngine(Protocol):
+    """What the puller needs from an engine; the dry-run engine implements it too."""
+
+    async def pull(
+        self, ref: ImageReference, auth: Mapping[str, str] | None, limit: float
+    ) -> str | None: ...
+
+    async def images(self) -> list[LocalImage]: ...
+
+    async def used_image_ids(self) -> set[str]: ...
+
+    async def remove(self, image: LocalImage) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def _local_image(raw: Mapping[str, Any]) -> LocalImage:
+    return LocalImage(
+        id=str(raw.get("Id", "")),
+        repo_tags=tuple(t for t in raw.get("RepoTags") or () if t != "<none>:<none>"),
+        repo_digests=tuple(d for d in raw.get("RepoDigests") or () if d != "<none>@<none>"),
+        labels=dict(raw.get("Labels") or {}),
+    )
+
+
+class DockerEngine:
+    def __init__(self, host: str) -> None:
+        self.host = host
+        self._docker: aiodocker.Docker | None = None
+
+    @property
+    def docker(self) -> aiodocker.Docker:
+        if self._docker is None:
+            self._docker = aiodocker.Docker(url=self.host)
+        return self._docker
+
+    async def close(self) -> None:
+        if self._docker is not None:
+            await self._docker.close()
+            self._docker = None
+
+    async def ping(self) -> bool:
+        try:
+            await self.docker._query_json("_ping", method="GET")
+        except (aiodocker.DockerError, aiohttp.ClientError, OSError, ValueError):
+            # _ping answers plain "OK", which is not JSON: reaching it is what counts.
+            return await self._ping_text()
+        return True
+
+    async def _ping_text(self) -> bool:
+        try:
+            async with self.docker._query("_ping", method="GET") as resp:
+                return bool(resp.status == 200)
+        except (aiodocker.DockerError, aiohttp.ClientError, OSError):
+            return False
+
+    async def pull(
+        self, ref: ImageReference, auth: Mapping[str, str] | None, limit: float
+    ) -> str | None:
+        """Pull `ref`; return the manifest digest the engine reports. Raises EngineError."""
+        digest: str | None = ref.digest
+        try:
+            async with asyncio.timeout(limit):
+                stream = self.docker.images.pull(
+                    ref.pull_ref, auth=dict(auth) if auth else None, stream=True
+                )
+                async for item in stream:
+                    status = str(item.get("status", ""))
+                    match = _DIGEST.search(status)
+                    if match:
+                        digest = match.group(1)
+        except TimeoutError as err:
+            raise EngineError("timeout", f"pull did not finish within {limit:.0f}s") from err
+        except aiodocker.DockerError as err:
+            message = str(err.message)
+            if err.status == 404 and "no such image" not in message.lower():
+                raise EngineError("not_found", message) from err
+            raise EngineError(classify(message), message) from err
+        except (aiohttp.ClientError, OSError) as err:
+            raise EngineError("engine_error", f"engine unreachable: {err!r}") from err
+        return digest
+
+    async def images(self) -> list[LocalImage]:
+        try:
+            raw = await self.docker.images.list()
+        except (aiodocker.DockerError, aiohttp.ClientError, OSError) as err:
+            raise EngineError("engine_error", f"cannot list images: {err!r}") from err
+        return [_local_image(r) for r in raw]
+
+    async def used_image_ids(self) -> set[str]:
+        """Images of every container, created, running or exited."""
+        try:
+            raw = await self.docker._query_json(
+                "containers/json", method="GET", params={"all": "true"}
+            )
+        except (aiodocker.DockerError, aiohttp.ClientError, OSError) as err:
+            raise EngineError("engine_error", f"cannot list containers: {err!r}") from err
+        return {str(c.get("ImageID", "")) for c in raw if c.get("ImageID")}
+
+    async def remove(self, image: LocalImage) -> None:
+        """Remove an image without force: the engine itself refuses if a container uses it."""
+        try:
+            # An image with several names must lose each name; the last removal deletes it.
+            names = list(image.repo_tags) or [image.id]
+            for name in names:
+                await self.docker.images.delete(name, force=False)
+        except aiodocker.DockerError as err:
+            if err.status == 404:
+                return
+            raise EngineError(classify(str(err.message)), str(err.message)) from err
+        except (aiohttp.ClientError, OSError) as err:
+            raise EngineError("engine_error", f"cannot remove image: {err!r}") from err
+
+
+class DryRunEngine:
+    """Touches no engine: starts empty and pretends every pull and removal succeeds."""
+
+    def __init__(self) -> None:
+        self._present: dict[str, LocalImage] = {}
+
+    async def pull(
+        self, ref: ImageReference, auth: Mapping[str, str] | None, limit: float
+    ) -> str | None:
+        name = str(ref)
+        tags = () if ref.is_digest else (name,)
+        digests = (f"{ref.name}@{ref.digest}",) if ref.digest else ()
+        self._present[name] = LocalImage(id=f"dry-run:{name}", repo_tags=tags, repo_digests=digests)
+        return ref.digest
+
+    async def images(self) -> list[LocalImage]:
+        return list(self._present.values())
+
+    async def used_image_ids(self) -> set[str]:
+        return set()
+
+    async def remove(self, image: LocalImage) -> None:
+        self._present = {k: v for k, v in self._present.items() if v.id != image.id}
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,100 @@
+"""The puller's settings: `CEDAR_*` environment variables (and `DOCKER_HOST`)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import SettingsConfigDict
+
+from cedar.runtime.durations import Duration
+from cedar.runtime.settings import CommonSettings
+
+
+class PullerSettings(CommonSettings):
+    model_config = SettingsConfigDict(env_prefix="CEDAR_", extra="ignore", populate_by_name=True)
+
+    node_name: str | None = Field(
+        default=None, description="This node's name (downward API spec.nodeName). Required."
+    )
+    metrics_port: int = Field(default=9102, ge=0, le=65535)
+    # DOCKER_HOST is the Docker CLI's own variable, so operators set it once for both.
+    docker_host: str = Field(
+        default="unix:///var/run/docker.sock",
+        validation_alias=AliasChoices("DOCKER_HOST", "CEDAR_DOCKER_HOST"),
+        description="The Docker engine to drive.",
+    )
+    registry_auth_file: str | None = Field(
+        default=None, description="A .dockerconfigjson file with registry credentials."
+    )
+    insecure_registries: str = Field(
+        default="",
+        description="Comma-separated registry hosts probed over plain http "
+        "(127.0.0.1 and localhost always are).",
+    )
+    max_concurrent_pulls: int = Field(default=3, ge=1, le=64)
+    refresh_interval: Duration = Field(default=timedelta(hours=1))
+    refresh_jitter: float = Field(
+        default=0.1,
+        ge=0.0,
+        le=1.0,
+        description="Fraction of the refresh interval over which nodes spread their refreshes.",
+    )
+    prune_label: str | None = Field(
+        default=None, description="key=value (or key) an image must carry to be prunable."
+    )
+    prune_repositories: str = Field(
+        default="", description="Comma-separated repository prefixes that are prunable."
+    )
+    prune_after: Duration = Field(default=timedelta(hours=72))
+    prune_interval: Duration = Field(default=timedelta(hours=24))
+    docker_root: str | None = Field(
+        default=None, description="The engine's data root as mounted here, for the disk guard."
+    )
+    min_free_bytes: int = Field(default=5 * 1024**3, ge=0)
+    pull_timeout: Duration = Field(default=timedelta(minutes=15))
+    registry_probe_ttl: Duration = Field(default=timedelta(seconds=15))
+    registry_probe_timeout: Duration = Field(default=timedelta(seconds=5))
+    backoff_base: Duration = Field(default=timedelta(seconds=2))
+    backoff_max: Duration = Field(default=timedelta(minutes=10))
+    permanent_retry: Duration = Field(
+        default=timedelta(hours=1),
+        description="Retry interval for not_found, unauthorized and invalid references.",
+    )
+    resync_interval: Duration = Field(
+        default=timedelta(seconds=60),
+        description="How often the engine is re-listed without any event (eviction detection).",
+    )
+    node_from_api: bool = True
+    node_labels: str = Field(default="", description="k=v,k2=v2 when the Node is not read.")
+    node_taints: str = Field(default="", description="key=value:Effect,... likewise.")
+    kubeconfig: str | None = Field(
+        default=None, validation_alias=AliasChoices("KUBECONFIG", "CEDAR_KUBECONFIG")
+    )
+    dry_run: bool = False
+    from_subject: str | None = None
+
+    @field_validator("node_name")
+    @classmethod
+    def _node_required(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("CEDAR_NODE_NAME must not be empty")
+        return value
+
+    @property
+    def node(self) -> str:
+        if not self.node_name:
+            raise ValueError("CEDAR_NODE_NAME is required (the downward API's spec.nodeName)")
+        return self.node_name
+
+    @property
+    def prune_prefixes(self) -> tuple[str, ...]:
+        return _split(self.prune_repositories)
+
+    @property
+    def insecure_hosts(self) -> tuple[str, ...]:
+        return _split(self.insecure_registries)
+
+
+def _split(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())

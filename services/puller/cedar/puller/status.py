@@ -1,0 +1,137 @@
+"""What the puller tells others: per-image status in KV, decisions on the bus, metrics.
+
+Status entries (`cedar-node-status`, key `node_status_key(node, image)`) are written only
+when an image's state, digest or reason changes, so a steady node costs no KV writes.
+Publishing never blocks the puller on NATS: a failed write is retried at the next reconcile.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterable
+from datetime import UTC, datetime
+
+from nats.errors import Error as NatsError
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+
+from cedar.proto import subjects
+from cedar.proto.models import NodeImageStatus, PullerDecision
+from cedar.puller.metrics import IMAGES
+from cedar.puller.plan import ImageRecord
+from cedar.runtime.bus import TRANSIENT_ERRORS
+
+log = logging.getLogger("cedar.puller.status")
+decisions_log = logging.getLogger("cedar.puller.decisions")
+
+_PUBLISH_ERRORS = (*TRANSIENT_ERRORS, NatsError, RuntimeError)
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)
+
+
+class StatusPublisher:
+    def __init__(
+        self,
+        node: str,
+        js: JetStreamContext | None,
+        kv: KeyValue | None,
+        *,
+        dry_run: bool = False,
+    ) -> None:
+        self.node = node
+        self.js = js
+        self.kv = kv
+        self.dry_run = dry_run
+        self._published: dict[str, tuple[str, str | None, str | None]] = {}
+        self.decisions: list[PullerDecision] = []  # kept only in dry-run, for inspection
+
+    async def publish_image(self, record: ImageRecord, workloads: tuple[str, ...]) -> None:
+        if self.kv is None or self.dry_run:
+            return
+        fingerprint = (record.state, record.digest, record.reason)
+        if self._published.get(record.image) == fingerprint:
+            return
+        status = NodeImageStatus(
+            node=self.node,
+            image=record.image,
+            state=record.state,
+            digest=record.digest,
+            reason=record.reason,
+            error=record.error,
+            workloads=workloads,
+            updated_at=now_utc(),
+        )
+        try:
+            await self.kv.put(
+                subjects.node_status_key(self.node, record.image), status.model_dump_json().encode()
+            )
+        except _PUBLISH_ERRORS as err:
+            log.debug("cannot write image status yet: %s", err)
+            return
+        self._published[record.image] = fingerprint
+
+    async def forget_image(self, image: str) -> None:
+        if self.kv is None or self.dry_run:
+            return
+        try:
+            await self.kv.delete(subjects.node_status_key(self.node, image))
+        except _PUBLISH_ERRORS as err:
+            log.debug("cannot delete image status yet: %s", err)
+            return
+        self._published.pop(image, None)
+
+    async def decision(
+        self,
+        image: str,
+        action: str,
+        reason: str = "",
+        *,
+        workloads: tuple[str, ...] = (),
+        digest: str | None = None,
+    ) -> None:
+        record = PullerDecision(
+            node=self.node,
+            image=image,
+            action=action,  # type: ignore[arg-type]
+            reason=reason,
+            workloads=workloads,
+            digest=digest,
+            dry_run=self.dry_run,
+            at=now_utc(),
+        )
+        level = logging.INFO if action != "failed" else logging.WARNING
+        decisions_log.log(
+            level,
+            "%s%s %s",
+            "would " if self.dry_run else "",
+            action,
+            image,
+            extra={"action": action, "image": image, "reason": reason, "digest": digest},
+        )
+        if self.dry_run:
+            self.decisions.append(record)
+        if self.js is None:
+            return
+        try:
+            await self.js.publish(
+                subjects.decisions_subject(self.node), record.model_dump_json().encode()
+            )
+        except _PUBLISH_ERRORS as err:
+            log.debug("cannot publish decision: %s", err)
+
+
+def export_metrics(records: Iterable[ImageRecord], desired_count: int) -> dict[str, int]:
+    counts = Counter(r.state for r in records)
+    values = {
+        "desired": desired_count,
+        "present": counts["present"],
+        "missing": counts["missing"],
+        "pulling": counts["pulling"],
+        "failed": counts["failed"],
+    }
+    for state, value in values.items():
+        IMAGES.labels(state=state).set(value)
+    return values
