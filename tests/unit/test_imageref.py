@@ -5,6 +5,9 @@ from __future__ import annotations
 import pickle
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
 from cedar.proto.imageref import (
     DOCKER_HUB,
     ImageReference,
@@ -13,8 +16,6 @@ from cedar.proto.imageref import (
     normalize,
     parse,
 )
-from hypothesis import example, given, settings
-from hypothesis import strategies as st
 
 H64 = "0123456789abcdef" * 4
 H128 = H64 * 2
