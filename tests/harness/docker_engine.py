@@ -39,6 +39,18 @@ def docker_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DockerEn
         _dispose(engine, tmp_path_factory.mktemp("dockerd-log"))
 
 
+@pytest.fixture(scope="session")
+def builder_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DockerEngine]:
+    """The engine that builds and pushes test images: never the one a puller drives, so
+    that tagging or removing a build never looks like a change on a node."""
+    engine = DockerEngine(_short_base())
+    try:
+        start_or_fail(engine)
+        yield engine
+    finally:
+        _dispose(engine, tmp_path_factory.mktemp("builder-log"))
+
+
 @pytest.fixture
 def docker_host(docker_engine: DockerEngine) -> str:
     """DOCKER_HOST of the session's engine."""

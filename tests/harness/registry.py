@@ -63,7 +63,7 @@ def fresh_registry(tmp_path: Path) -> Iterator[Registry]:
 
 
 class ImageMaker:
-    """Pushes images with the session engine. Call it (blocking) or await `.make(...)`.
+    """Pushes images with the session's builder engine. Call it (blocking) or await `.make(...)`.
 
     Each call gets its own repository prefix unless one is given, so tests sharing the
     session registry never see each other's images.
@@ -151,5 +151,5 @@ class ImageMaker:
 
 
 @pytest.fixture
-def make_images(docker_engine: DockerEngine, request: pytest.FixtureRequest) -> ImageMaker:
-    return ImageMaker(docker_engine, request)
+def make_images(builder_engine: DockerEngine, request: pytest.FixtureRequest) -> ImageMaker:
+    return ImageMaker(builder_engine, request)

@@ -291,7 +291,8 @@ async def test_refresh_pulls_a_repushed_tag(world: World, make_images: ImageMake
         return (await world.local_images()).get(normalize(ref)) == new_digest
 
     await eventually(refreshed, 30, "new digest pulled")
-    assert running.record(ref).digest == new_digest
+    # The record follows at the next reconcile after the pull.
+    await eventually(lambda: running.record(ref).digest == new_digest, 10, "digest recorded")
 
 
 async def test_node_matching_and_label_change(

@@ -254,12 +254,16 @@ class Puller:
         if self.bus is None:
             return
         settings = self.settings
-        buckets = await self.bus.ensure(
+        # The watcher owns the streams; the puller only makes sure they exist.
+        await self.bus.ensure(
             streams=[
                 workloads_stream(settings),
                 namespaces_stream(settings),
                 history_stream(settings),
             ],
+            update=False,
+        )
+        buckets = await self.bus.ensure(
             buckets=[
                 kv_bucket(settings, subjects.KV_NODE_STATUS),
                 kv_bucket(settings, subjects.KV_PULLER_STATE),
