@@ -551,3 +551,24 @@ async def test_follows_the_stream_across_a_nats_restart(
     finally:
         await running.halt()
         await bus.close()
+
+
+async def test_low_disk_holds_pulls_until_space_is_back(
+    world: World, make_images: ImageMaker, docker_engine: DockerEngine
+) -> None:
+    (ref,) = await make_images.make(1, SMALL)
+    # A guard above the real free space makes the disk "full" without filling it.
+    running = await world.start(
+        docker_root=str(docker_engine.base_dir), min_free_bytes=2**62, resync_interval="0.5s"
+    )
+    await world.publish(workload("disk", ref))
+    await eventually(lambda: running.puller.disk_low, 10, "guard tripped")
+    await eventually(lambda: getattr(running.record(ref), "reason", None) == "low_disk", 10)
+    assert running.state(ref) == "missing"
+    assert running.puller.pull_attempts == 0
+    assert REGISTRY.get_sample_value("cedar_puller_disk_low") == 1
+    assert not await world.has(ref)
+
+    running.puller.settings.min_free_bytes = 0  # space freed
+    await eventually(lambda: running.state(ref) == "present", 30, "pulled once space is back")
+    assert REGISTRY.get_sample_value("cedar_puller_disk_low") == 0
