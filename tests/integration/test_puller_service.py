@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import StreamConfig
 from prometheus_client import REGISTRY
 
@@ -33,6 +34,7 @@ from cedar.proto.models import (
     NodeSelectorRequirement,
     NodeSelectorTerm,
     PodScheduling,
+    PullerDecision,
     Toleration,
     WorkloadImageSet,
 )
@@ -357,6 +359,32 @@ async def test_node_matching_and_label_change(
     )
     assert set(desired.images()) == {normalize(refs[i]) for i in (1, 3, 4)}
     assert not await world.has(refs[2])
+
+    # pool-a no longer fits: the skip and its reason are recorded for `cedar replay`.
+    async def pool_a_skipped() -> bool:
+        return any(
+            d.action == "skip"
+            and d.workloads == ("Deployment/tenant/pool-a",)
+            and "nodeSelector pool=a" in d.reason
+            for d in await decisions(world.bus, node_name)
+        )
+
+    await eventually(pool_a_skipped, 10, "skip decision recorded")
+
+
+async def decisions(bus: Bus, node: str) -> list[PullerDecision]:
+    sub = await bus.js.subscribe(
+        subjects.decisions_subject(node), stream=subjects.STREAM_HISTORY, ordered_consumer=True
+    )
+    found: list[PullerDecision] = []
+    try:
+        while True:
+            msg = await sub.next_msg(timeout=0.5)
+            found.append(PullerDecision.model_validate_json(msg.data))
+    except NatsTimeoutError:
+        return found
+    finally:
+        await sub.unsubscribe()
 
 
 async def test_prune_only_in_scope_and_never_a_used_image(

@@ -110,3 +110,20 @@ def test_many_workloads_share_strings() -> None:
     assert len(d) == 11
     assert d.priority("r/common:1") == 1000
     assert len(d.workloads_of("r/common:1")) == 20  # capped
+
+
+def test_skips_are_reported_once_with_the_reason() -> None:
+    d = DesiredSet(NODE)
+    change = d.apply(wis("gpu", "r/gpu:1", selector={"pool": "gpu"}), NOW)
+    assert change.skipped == {
+        "Deployment/ns/gpu": (frozenset({"r/gpu:1"}), "nodeSelector pool=gpu (node has pool=a)")
+    }
+    # The same workload again (a status-only re-publish, a restart): no new skip.
+    assert not d.apply(wis("gpu", "r/gpu:1", selector={"pool": "gpu"}), NOW).skipped
+    # Admitted workloads are never skips.
+    assert not d.apply(wis("web", "r/web:1", selector={"pool": "a"}), NOW).skipped
+    # The node changes so that a workload it ran no longer fits: that is a skip too; the
+    # one that did not fit before is not reported again.
+    change = d.set_node(NodeInfo("n1", {"pool": "b"}))
+    assert set(change.skipped) == {"Deployment/ns/web"}
+    assert change.removed == {"r/web:1"}

@@ -169,3 +169,22 @@ def test_static_node_parsing() -> None:
     assert node.labels["kubernetes.io/arch"] == "arm64"
     assert node.labels["kubernetes.io/os"] == "linux"
     assert node.labels["zone"] == "a"
+
+
+def test_mismatch_says_why() -> None:
+    from cedar.puller.scheduling import Taint, mismatch
+
+    node = NodeInfo(
+        "n1",
+        {"kubernetes.io/arch": "amd64"},
+        (
+            Taint("dedicated", "NoSchedule", "gpu"),
+            Taint("node.kubernetes.io/not-ready", "NoExecute"),
+        ),
+    )
+    assert mismatch(PodScheduling(node_selector={"kubernetes.io/arch": "arm64"}), node) == (
+        "nodeSelector kubernetes.io/arch=arm64 (node has kubernetes.io/arch=amd64)"
+    )
+    assert mismatch(PodScheduling(), node) == "taint dedicated=gpu:NoSchedule not tolerated"
+    tolerant = PodScheduling(tolerations=(Toleration(key="dedicated", operator="Exists"),))
+    assert mismatch(tolerant, node) is None  # the not-ready condition taint is ignored

@@ -150,6 +150,7 @@ class Puller:
         self._pending: list[WorkloadImageSet] = []
         self._subscription: Subscription | None = None
         self._last_seq = 0
+        self._skips: dict[str, tuple[frozenset[str], str]] = {}
         for check in ("engine", "node", "desired"):
             health.require(check)
 
@@ -162,6 +163,10 @@ class Puller:
         self._note_change(self.desired.apply(wis, datetime.now(UTC)))
 
     def _note_change(self, change: Change) -> None:
+        if change.skipped and self.synced.is_set():
+            # Live changes only: the initial pass would re-record every skip on each start.
+            self._skips.update(change.skipped)
+            self.dirty.set()
         if not change:
             return
         for image, observed in change.added.items():
@@ -384,6 +389,14 @@ class Puller:
         metrics.DISK_LOW.set(1 if low else 0)
         return low
 
+    async def _record_skips(self) -> None:
+        skips, self._skips = self._skips, {}
+        for identity, (images, why) in skips.items():
+            for image in sorted(images):
+                await self.status.decision(
+                    image, "skip", f"node mismatch: {why}", workloads=(identity,)
+                )
+
     async def reconcile(self) -> float | None:
         """One pass; returns the monotonic time at which something becomes due, if any."""
         desired = self.desired
@@ -392,6 +405,7 @@ class Puller:
         wall = time.time()
         self._note_change(desired.expire(datetime.now(UTC)))
         self.dirty.clear()
+        await self._record_skips()
 
         listed_at = time.monotonic()
         local = await self.engine.images()

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from cedar.proto.models import PodScheduling, WorkloadImageSet
-from cedar.puller.scheduling import NodeInfo, admits
+from cedar.puller.scheduling import NodeInfo, mismatch
 
 
 @dataclass(slots=True)
@@ -33,11 +33,15 @@ class _Workload:
 class Change:
     added: dict[str, datetime] = field(default_factory=dict)  # image -> when its cause was seen
     removed: set[str] = field(default_factory=set)
+    # Workloads this node newly rules out: identity -> (their images, why). Recorded as
+    # `skip` decisions so that replay can answer "why was this not pulled here?".
+    skipped: dict[str, tuple[frozenset[str], str]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.added or self.removed)
 
     def merge(self, other: Change) -> None:
+        self.skipped.update(other.skipped)
         for image in other.removed:
             self.added.pop(image, None)
         self.removed -= set(other.added)
@@ -94,12 +98,19 @@ class DesiredSet:
             observed_at=wis.observed_at,
             expires_at=wis.expires_at,
         )
+        previous = self._workloads.get(identity)
         self._workloads[identity] = workload
         if wis.expires_at is not None:
             self._expiring.add(identity)
         else:
             self._expiring.discard(identity)
-        return self._set_contribution(identity, self._evaluate(workload), wis.observed_at)
+        change = self._set_contribution(identity, self._evaluate(workload), wis.observed_at)
+        unchanged = previous is not None and (
+            previous.scheduling == workload.scheduling and previous.images == workload.images
+        )
+        if not unchanged:
+            self._note_skip(change, identity, workload)
+        return change
 
     def set_node(self, node: NodeInfo) -> Change:
         """The node's labels or taints changed: re-evaluate every workload."""
@@ -108,9 +119,12 @@ class DesiredSet:
             return change
         self.node = node
         for identity, workload in self._workloads.items():
+            was_admitted = identity in self._contrib or not workload.images
             change.merge(
                 self._set_contribution(identity, self._evaluate(workload), workload.observed_at)
             )
+            if was_admitted:
+                self._note_skip(change, identity, workload)
         return change
 
     def expire(self, now: datetime) -> Change:
@@ -131,7 +145,14 @@ class DesiredSet:
         return min(times) if times else None
 
     def _evaluate(self, workload: _Workload) -> frozenset[str]:
-        return workload.images if admits(workload.scheduling, self.node) else frozenset()
+        return workload.images if mismatch(workload.scheduling, self.node) is None else frozenset()
+
+    def _note_skip(self, change: Change, identity: str, workload: _Workload) -> None:
+        if not workload.images:
+            return
+        why = mismatch(workload.scheduling, self.node)
+        if why is not None:
+            change.skipped[identity] = (workload.images, why)
 
     def _set_contribution(
         self, identity: str, images: frozenset[str], observed_at: datetime

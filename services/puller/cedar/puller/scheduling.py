@@ -156,12 +156,23 @@ def tolerated(tolerations: Iterable[Toleration], node: NodeInfo) -> bool:
     return all(any(_tolerates(t, taint) for t in tols) for taint in node.blocking_taints())
 
 
-def admits(scheduling: PodScheduling, node: NodeInfo) -> bool:
-    """Whether a pod with this scheduling could run on `node`."""
+def mismatch(scheduling: PodScheduling, node: NodeInfo) -> str | None:
+    """Why a pod with this scheduling could not run on `node`, or None if it could."""
     for key, value in scheduling.node_selector.items():
-        if node.labels.get(key) != value:
-            return False
+        have = node.labels.get(key)
+        if have != value:
+            return f"nodeSelector {key}={value} (node has {key}={have or '<unset>'})"
     terms = scheduling.required_node_affinity
     if terms and not any(_term_matches(t, node) for t in terms):
-        return False
-    return tolerated(scheduling.tolerations, node)
+        return "no required node affinity term matches the node's labels"
+    tols = tuple(scheduling.tolerations)
+    for taint in node.blocking_taints():
+        if not any(_tolerates(t, taint) for t in tols):
+            shown = f"{taint.key}={taint.value}" if taint.value else taint.key
+            return f"taint {shown}:{taint.effect} not tolerated"
+    return None
+
+
+def admits(scheduling: PodScheduling, node: NodeInfo) -> bool:
+    """Whether a pod with this scheduling could run on `node`."""
+    return mismatch(scheduling, node) is None
