@@ -45,12 +45,24 @@ class Runtime(Generic[S]):
 MainFn = Callable[[Runtime[S]], Coroutine[Any, Any, None]]
 
 
-async def serve(service: str, settings: S, main: MainFn[S], *, connect_nats: bool = True) -> int:
+async def serve(
+    service: str,
+    settings: S,
+    main: MainFn[S],
+    *,
+    connect_nats: bool = True,
+    checks: tuple[str, ...] = (),
+) -> int:
+    """Run `main` as the service `service` until it returns or a signal stops it.
+
+    `checks` are the service's own readiness checks, registered before anything starts
+    so that /readyz can never answer ready before the service has reported on them.
+    """
     from cedar.version import __version__
 
     setup_logging(service, settings.node_name, settings.log_level)
     BUILD_INFO.info({"service": service, "version": __version__})
-    health = Health()
+    health = Health(*checks)
     bus = Bus(settings, f"cedar-{service}-{settings.pod_name}", health)
     runtime: Runtime[S] = Runtime(service=service, settings=settings, health=health, bus=bus)
     loop = asyncio.get_running_loop()
@@ -108,5 +120,12 @@ def _on_signal(stop: asyncio.Event, signum: int) -> None:
     stop.set()
 
 
-def run(service: str, settings: S, main: MainFn[S], *, connect_nats: bool = True) -> int:
-    return asyncio.run(serve(service, settings, main, connect_nats=connect_nats))
+def run(
+    service: str,
+    settings: S,
+    main: MainFn[S],
+    *,
+    connect_nats: bool = True,
+    checks: tuple[str, ...] = (),
+) -> int:
+    return asyncio.run(serve(service, settings, main, connect_nats=connect_nats, checks=checks))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 EVENTS = Counter(
     "cedar_watcher_events",
@@ -34,4 +34,14 @@ BAD_OBJECTS = Counter(
 PENDING_PUBLISHES = Gauge(
     "cedar_watcher_pending_publishes",
     "Changes waiting to be published (grows while NATS is unreachable).",
+)
+FORBIDDEN = Gauge(
+    "cedar_watcher_forbidden",
+    "1 while the service account may not list or watch the kind (reported once in the log).",
+    ["kind"],
+)
+EVENT_TO_STORED = Histogram(
+    "cedar_watcher_event_to_stored_seconds",
+    "From the watcher seeing a change to JetStream acknowledging its message.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )

@@ -1,0 +1,221 @@
+"""List then watch one kind, forever.
+
+A paginated list gives a consistent snapshot and its resourceVersion; the watch continues
+from there, with bookmarks keeping the resourceVersion fresh. A watch that ends normally is
+renewed from the last resourceVersion seen. `410 Gone` (history compacted), a broken
+stream or any API error leads to a full relist, diffed against what is known so that
+objects deleted in the gap get their deletion markers. Errors back off with full jitter.
+A kind the service account may not list is reported once (log and metric), retried
+slowly, and does not hold up the other kinds or readiness.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from cedar.runtime.backoff import Backoff
+from cedar.runtime.health import Health
+from cedar.runtime.kube import Forbidden, Gone, KubeClient, KubeError, NotFound, resource_path
+from cedar.watcher import metrics
+from cedar.watcher.state import NAMESPACE, Report, WatchState
+
+log = logging.getLogger("cedar.watcher.informer")
+
+# A forbidden kind is retried slowly: only a permission change can fix it.
+FORBIDDEN_RETRY_MIN_SECONDS = 5.0
+
+
+def health_check_name(kind: str) -> str:
+    return f"synced:{kind}"
+
+
+class Informer:
+    def __init__(
+        self,
+        kind: str,
+        client: KubeClient,
+        state: WatchState,
+        notify: Callable[[], None],
+        health: Health,
+        *,
+        namespace: str | None = None,
+        page_size: int = 500,
+        watch_timeout: int = 300,
+        on_synced: Callable[[str], None] | None = None,
+    ) -> None:
+        self.kind = kind
+        self.client = client
+        self.state = state
+        self.notify = notify
+        self.health = health
+        self.page_size = page_size
+        self.watch_timeout = watch_timeout
+        self.params: dict[str, str] = {}
+        if kind == NAMESPACE:
+            self.path = resource_path(kind)
+            if namespace:
+                self.params["fieldSelector"] = f"metadata.name={namespace}"
+        else:
+            self.path = resource_path(kind, namespace)
+        self.resource_version: str | None = None
+        self.synced = False
+        self.on_synced = on_synced
+        self._forbidden = False
+        self._events = {
+            t: metrics.EVENTS.labels(kind=kind, type=t)
+            for t in ("LISTED", "ADDED", "MODIFIED", "DELETED", "BOOKMARK")
+        }
+        self._workloads = metrics.WORKLOADS.labels(kind=kind)
+        self._last_sync = metrics.LAST_SYNC.labels(kind=kind)
+
+    async def run(self) -> None:
+        backoff = Backoff(base=0.5, cap=30.0)
+        reason = "start"
+        while True:
+            try:
+                if self.resource_version is None:
+                    self.resource_version = await self.relist(reason)
+                    backoff.reset()
+                await self.watch()
+                continue  # the server ended the watch normally: renew it
+            except Gone:
+                log.info("%s: resourceVersion expired; relisting", self.kind)
+                reason = "expired"
+                self.resource_version = None
+                continue  # a relist right away is the cure, no need to wait
+            except Forbidden as err:
+                self._report_forbidden(err)
+                reason = "error"
+                delay = max(backoff.next_delay(), FORBIDDEN_RETRY_MIN_SECONDS)
+            except KubeError as err:
+                reason = "stream_broken" if err.reason == "StreamBroken" else "error"
+                delay = backoff.next_delay()
+                log.warning(
+                    "%s: %s; relisting in %.1fs",
+                    self.kind,
+                    err,
+                    delay,
+                    extra={"kind": self.kind, "status": err.status},
+                )
+            except ValueError as err:  # an undecodable line or page
+                metrics.BAD_OBJECTS.labels(kind=self.kind, reason="undecodable").inc()
+                reason = "error"
+                delay = backoff.next_delay()
+                log.warning("%s: undecodable response (%s); relisting", self.kind, err)
+            self.resource_version = None
+            await asyncio.sleep(delay)
+
+    def _report_forbidden(self, err: KubeError) -> None:
+        metrics.FORBIDDEN.labels(kind=self.kind).set(1)
+        if not self._forbidden:
+            self._forbidden = True
+            log.error(
+                "the service account may not list/watch %s: %s — images of this kind are not "
+                "kept warm; grant list and watch on it, or remove it from CEDAR_WATCH_KINDS",
+                self.kind,
+                err.message or err,
+                extra={"kind": self.kind},
+            )
+        # It cannot sync until permissions change; the other kinds keep the service useful.
+        self.health.set(health_check_name(self.kind), True)
+
+    async def relist(self, reason: str) -> str:
+        metrics.RELISTS.labels(kind=self.kind, reason=reason).inc()
+        self.state.begin_list(self.kind)
+        rv = ""
+        listed = self._events["LISTED"]
+        async for items, list_rv in self.client.list_pages(
+            self.path, limit=self.page_size, params=self.params
+        ):
+            apply = self.state.apply
+            for obj in items:
+                reports = apply(self.kind, "LISTED", obj)
+                if reports:
+                    self._report(reports)
+            listed.inc(len(items))
+            rv = list_rv
+            self.notify()
+            await asyncio.sleep(0)  # let the publisher send what this page produced
+        self._report(self.state.end_list(self.kind))
+        await self._refetch()
+        self.notify()
+        self._workloads.set(self.state.count(self.kind))
+        self._last_sync.set(time.time())
+        if self._forbidden:
+            self._forbidden = False
+            metrics.FORBIDDEN.labels(kind=self.kind).set(0)
+            log.info("%s can be listed again", self.kind)
+        if not self.synced:
+            self.synced = True
+            metrics.SYNCED.labels(kind=self.kind).set(1)
+            self.health.set(health_check_name(self.kind), True)
+            if self.on_synced is not None:
+                self.on_synced(self.kind)
+            log.info(
+                "%s: first full sync done",
+                self.kind,
+                extra={"kind": self.kind, "objects": self.state.count(self.kind)},
+            )
+        return rv
+
+    async def watch(self) -> None:
+        assert self.resource_version is not None
+        apply = self.state.apply
+        ledger = self.state.ledger
+        async for event in self.client.watch(
+            self.path,
+            self.resource_version,
+            timeout_seconds=self.watch_timeout,
+            params=self.params,
+        ):
+            type_ = event.get("type")
+            obj = event.get("object")
+            if not isinstance(obj, dict):
+                continue
+            meta = obj.get("metadata")
+            rv = meta.get("resourceVersion") if isinstance(meta, dict) else None
+            if type_ == "BOOKMARK":
+                self._events["BOOKMARK"].inc()
+                if rv:
+                    self.resource_version = str(rv)
+                self._last_sync.set(time.time())
+                continue
+            if type_ not in ("ADDED", "MODIFIED", "DELETED"):
+                continue
+            self._events[type_].inc()
+            queued = ledger.queued
+            reports = apply(self.kind, type_, obj)
+            if reports:
+                self._report(reports)
+            if rv:
+                self.resource_version = str(rv)
+            if type_ != "MODIFIED":
+                self._workloads.set(self.state.count(self.kind))
+            if self.state.refetch and self.kind == "ReplicaSet":
+                await self._refetch()
+            if ledger.queued != queued:
+                self.notify()
+
+    async def _refetch(self) -> None:
+        """Read again the revisions that are kept anew but whose message was not kept."""
+        while self.state.refetch and self.kind == "ReplicaSet":
+            namespace, name = self.state.refetch.pop()
+            try:
+                obj = await self.client.get(resource_path(self.kind, namespace, name))
+            except NotFound:
+                continue  # deleted meanwhile: its DELETED event follows
+            self._report(self.state.apply(self.kind, "MODIFIED", obj))
+
+    def _report(self, reports: list[Report]) -> None:
+        for report in reports:
+            metrics.BAD_OBJECTS.labels(kind=report.kind, reason=report.reason).inc()
+            log.warning(
+                "bad object %s: %s (%s)",
+                report.identity,
+                report.reason,
+                report.detail[:500],
+                extra={"object": report.identity, "reason": report.reason},
+            )
