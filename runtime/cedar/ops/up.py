@@ -363,7 +363,7 @@ class Up:
         self.real.append(f"sample images: {len(samples)} pushed to {registry.host}")
 
     async def _docker_engine(self, sandbox: Path) -> Any:
-        from cedar.sandbox.dockerd import DockerEngine, docker_engine_reachable
+        from cedar.sandbox.dockerd import DockerCli, DockerEngine, docker_engine_reachable
 
         host = self.env.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
         if await asyncio.to_thread(docker_engine_reachable, host):
@@ -371,7 +371,7 @@ class Up:
             self.real.append(f"Docker engine {host} (already running; not managed by cedar up)")
             cli_dir = tempfile.mkdtemp(prefix="cedar-up-cli-")
             self._on_stop("docker CLI files", lambda: shutil.rmtree(cli_dir, ignore_errors=True))
-            return _ExternalEngine(host, Path(cli_dir))
+            return DockerCli(host, cli_dir)
         try:
             engine = DockerEngine(sandbox / "docker")
         except ValueError:  # the state directory is too deep for unix socket paths
@@ -519,43 +519,6 @@ class Up:
 
 # Only allocated labels are shown; quarantine does not matter for the view.
 _NO_QUARANTINE = timedelta(days=3650)
-
-
-class _ExternalEngine:
-    """A Docker engine cedar up did not start, with the interface the image helpers use."""
-
-    def __init__(self, host: str, base_dir: Path) -> None:
-        self.host = host
-        self.base_dir = base_dir
-
-    def env(self, config_dir: str | Path | None = None) -> dict[str, str]:
-        env = dict(os.environ)
-        env["DOCKER_HOST"] = self.host
-        env["DOCKER_CONFIG"] = str(config_dir or self.base_dir)
-        return env
-
-    def docker(
-        self,
-        *args: str,
-        input: str | None = None,
-        check: bool = True,
-        timeout: float | None = 300.0,
-        config_dir: str | Path | None = None,
-    ) -> subprocess.CompletedProcess[str]:
-        from cedar.sandbox.procs import find_binary
-
-        proc = subprocess.run(
-            [find_binary("docker"), *args],
-            input=input,
-            capture_output=True,
-            text=True,
-            env=self.env(config_dir),
-            timeout=timeout,
-            check=False,
-        )
-        if check and proc.returncode != 0:
-            raise RuntimeError(f"`docker {' '.join(args)}` failed: {proc.stderr.strip()}")
-        return proc
 
 
 def _load_examples(

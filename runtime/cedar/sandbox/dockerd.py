@@ -65,7 +65,65 @@ def docker_engine_reachable(host: str, timeout: float = 2.0) -> bool:
         conn.close()
 
 
-class DockerEngine(ManagedProcess):
+class DockerCli:
+    """The docker CLI pointed at one engine, with a private DOCKER_CONFIG.
+
+    `DockerEngine` is one (an engine it runs itself); `DockerCli(host, config_dir)` alone
+    drives an engine someone else runs, such as the one `cedar up` finds already there.
+    """
+
+    def __init__(self, host: str, config_dir: str | Path, cli: str | None = None) -> None:
+        self._host = host
+        self._config_dir = Path(config_dir)
+        self._cli = cli
+
+    @property
+    def host(self) -> str:
+        return self._host
+
+    @property
+    def config_dir(self) -> Path:
+        return self._config_dir
+
+    @property
+    def cli(self) -> str:
+        return self._cli or find_binary("docker")
+
+    def env(self, config_dir: str | Path | None = None) -> dict[str, str]:
+        """Our environment pointed at this engine, ready for ``subprocess`` and the docker CLI."""
+        env = {k: v for k, v in os.environ.items() if k not in _FOREIGN_DOCKER_VARS}
+        env["DOCKER_HOST"] = self.host
+        env["DOCKER_CONFIG"] = str(config_dir if config_dir is not None else self.config_dir)
+        return env
+
+    def docker(
+        self,
+        *args: str,
+        input: str | None = None,
+        check: bool = True,
+        timeout: float | None = 300.0,
+        config_dir: str | Path | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run the docker CLI against this engine; on failure the error carries its output."""
+        cmd = [self.cli, *args]
+        proc = subprocess.run(
+            cmd,
+            input=input,
+            capture_output=True,
+            text=True,
+            env=self.env(config_dir),
+            timeout=timeout,
+            check=False,
+        )
+        if check and proc.returncode != 0:
+            raise RuntimeError(
+                f"`docker {' '.join(args)}` failed with code {proc.returncode}: "
+                f"{proc.stderr.strip() or proc.stdout.strip()}"
+            )
+        return proc
+
+
+class DockerEngine(DockerCli, ManagedProcess):
     """``dockerd`` with a private socket, data root and exec root under ``base_dir``.
 
     Keep ``base_dir`` short (for example ``tempfile.mkdtemp(prefix="cedar-", dir="/tmp")``):
@@ -98,7 +156,7 @@ class DockerEngine(ManagedProcess):
         self.log_level = log_level
         self.shutdown_timeout = shutdown_timeout
         self._binary = binary
-        super().__init__(self.base_dir / "dockerd.log")
+        ManagedProcess.__init__(self, self.base_dir / "dockerd.log")
 
     # --- paths --------------------------------------------------------------------------
 
@@ -141,39 +199,6 @@ class DockerEngine(ManagedProcess):
         """
         daemon = Path(self._binary or find_binary("dockerd"))
         return find_binary("docker", extra_dirs=[daemon.parent.parent / "bin", daemon.parent])
-
-    def env(self, config_dir: str | Path | None = None) -> dict[str, str]:
-        """Our environment pointed at this engine, ready for ``subprocess`` and the docker CLI."""
-        env = {k: v for k, v in os.environ.items() if k not in _FOREIGN_DOCKER_VARS}
-        env["DOCKER_HOST"] = self.host
-        env["DOCKER_CONFIG"] = str(config_dir if config_dir is not None else self.config_dir)
-        return env
-
-    def docker(
-        self,
-        *args: str,
-        input: str | None = None,
-        check: bool = True,
-        timeout: float | None = 300.0,
-        config_dir: str | Path | None = None,
-    ) -> subprocess.CompletedProcess[str]:
-        """Run the docker CLI against this engine; on failure the error carries its output."""
-        cmd = [self.cli, *args]
-        proc = subprocess.run(
-            cmd,
-            input=input,
-            capture_output=True,
-            text=True,
-            env=self.env(config_dir),
-            timeout=timeout,
-            check=False,
-        )
-        if check and proc.returncode != 0:
-            raise RuntimeError(
-                f"`docker {' '.join(args)}` failed with code {proc.returncode}: "
-                f"{proc.stderr.strip() or proc.stdout.strip()}"
-            )
-        return proc
 
     # --- ManagedProcess -----------------------------------------------------------------
 
