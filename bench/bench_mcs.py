@@ -1,0 +1,255 @@
+"""Benchmark the MCS allocator.
+
+1. Choosing a free label with the pool 0%, 50% and 99% full (523,776 labels): time per
+   choice. Target: < 50 µs at 99% full.
+2. Start-up rebuild of a full ledger (523,776 allocated labels): the mirror and pool built
+   from the ledger's entries (pure), and the same read from a real NATS KV bucket.
+   Target: < 5 s.
+3. End to end, namespace created in the (simulated) Kubernetes API -> annotation written,
+   with two `cedar mcs-allocator` replicas, real NATS, and the in-test watcher bridge:
+   namespaces per second for a burst, and p50/p99 latency at a steady 300/s.
+   Target: 300/s and p99 < 100 ms.
+
+    .venv/bin/python bench/bench_mcs.py [--burst 3000] [--rate 300] [--seconds 10]
+        [--skip-e2e] [--skip-kv]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cedar.mcs_allocator.ledger import LabelEntry, LedgerView, label_key
+from cedar.mcs_allocator.pool import Pool
+from cedar.mcs_allocator.settings import AllocatorSettings
+
+TOTAL = 523_776
+
+
+def machine() -> str:
+    cpu = "unknown"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    py = platform.python_version()
+    return f"nproc={os.cpu_count()}, CPU: {cpu}, load average: {load}, Python {py}"
+
+
+def bench_choice() -> None:
+    rng = random.Random(42)
+    print("## choosing a free label (1024 categories, 2 per label: 523,776 labels)")
+    for fill in (0.0, 0.5, 0.99):
+        taken = rng.sample(range(TOTAL), int(TOTAL * fill))
+        pool = Pool.build(1024, 2, taken, rng=rng)
+        n = min(5000, pool.free // 2)
+        start = time.perf_counter()
+        for _ in range(n):
+            pool.choose(0.0, 0.0)
+        per = (time.perf_counter() - start) / n * 1e6
+        print(f"- {fill:4.0%} full: {per:.2f} µs per choice ({n} choices)")
+
+
+def full_entries() -> list[tuple[str, bytes, int]]:
+    pool = Pool(1024, 2)
+    at = datetime.now(UTC)
+    out = []
+    for i in range(TOTAL):
+        level = pool.unrank(i)
+        entry = LabelEntry(level, "allocated", f"tenant-{i}", f"uid-{i}", at, "bench")
+        out.append((label_key(level), entry.encode(), i + 1))
+    return out
+
+
+def bench_rebuild(entries: list[tuple[str, bytes, int]]) -> None:
+    start = time.perf_counter()
+    view = LedgerView.build(1024, 2, 7 * 86400.0, entries)
+    took = time.perf_counter() - start
+    assert view.pool.free == 0
+    print(f"- rebuild from {len(entries)} ledger entries (decode + mirror + pool): {took:.2f} s")
+
+
+async def bench_kv_load(entries: list[tuple[str, bytes, int]]) -> None:
+    import nats
+
+    from cedar.mcs_allocator.app import Allocator
+    from cedar.mcs_allocator.audit import Audit
+    from cedar.proto import subjects
+    from cedar.runtime.bus import kv_bucket
+    from cedar.sandbox.nats import NatsServer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        server = NatsServer(Path(tmp) / "store")
+        server.start()
+        try:
+            nc = await nats.connect(server.url)
+            settings = AllocatorSettings(nats_url=server.url)
+            kv = await nc.jetstream().create_key_value(kv_bucket(settings, subjects.KV_MCS_LEDGER))
+            start = time.perf_counter()
+            prefix = f"$KV.{subjects.KV_MCS_LEDGER}."
+            for i, (key, value, _) in enumerate(entries):
+                await nc.publish(prefix + key, value)
+                if i % 20000 == 0:
+                    await nc.flush()
+            await nc.flush()
+            while (await kv.status()).values < len(entries):  # noqa: ASYNC110
+                await asyncio.sleep(0.2)
+            print(f"  (filling the bucket took {time.perf_counter() - start:.1f} s)")
+            alloc = Allocator(settings, kv=kv, kube=None, audit=Audit(None, "bench"))
+            start = time.perf_counter()
+            await alloc.load()
+            took = time.perf_counter() - start
+            assert alloc.view.pool.free == 0
+            print(f"- start-up load of a full ledger from NATS KV (watch + build): {took:.2f} s")
+            await nc.close()
+        finally:
+            server.stop()
+
+
+async def bench_e2e(burst: int, rate: int, seconds: float) -> None:
+    from cedar.runtime.kube import KubeClient, load_config, resource_path
+    from cedar.sandbox.kubeapi import KubeAPI
+    from cedar.sandbox.nats import NatsServer
+    from tests.integration.test_mcs_allocator import ANN, Bridge, Replicas, namespace
+
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        server = NatsServer(tmp / "store")
+        server.start()
+        api = KubeAPI(bookmark_interval=5.0).start()
+        kubeconfig = api.write_kubeconfig(tmp / "kubeconfig")
+        published: dict[str, float] = {}
+
+        class TimedBridge(Bridge):
+            async def publish(self, obj: dict[str, Any], deleted: bool = False) -> None:
+                await super().publish(obj, deleted)
+                published.setdefault(obj["metadata"]["name"], time.perf_counter())
+
+        bridge = await TimedBridge(kubeconfig, server.url).start()
+        replicas = Replicas(tmp, server.url, kubeconfig, CEDAR_LOG_LEVEL="WARNING")
+        created: dict[str, float] = {}
+        written: dict[str, float] = {}
+        client = KubeClient(load_config(str(kubeconfig)))
+
+        async def observe() -> None:
+            path = resource_path("Namespace")
+            rv = "0"
+            async for _, list_rv in client.list_pages(path):
+                rv = list_rv
+            while True:
+                async for ev in client.watch(path, rv, timeout_seconds=300):
+                    obj = ev["object"]
+                    meta = obj["metadata"]
+                    rv = meta["resourceVersion"]
+                    name = meta.get("name")
+                    if (meta.get("annotations") or {}).get(ANN) and name not in written:
+                        written[name] = time.perf_counter()
+
+        watcher = asyncio.create_task(observe())
+        try:
+            replicas.start(2)
+            await asyncio.sleep(3.0)  # both replicas up and consuming
+
+            async def wait_all(names: list[str], limit: float = 300) -> None:
+                deadline = time.perf_counter() + limit
+                while any(n not in written for n in names):
+                    if time.perf_counter() > deadline:
+                        missing = sum(1 for n in names if n not in written)
+                        raise RuntimeError(f"{missing} namespaces never labelled")
+                    await asyncio.sleep(0.05)
+
+            # Burst: all at once, throughput.
+            names = [f"burst-{i:05d}" for i in range(burst)]
+            start = time.perf_counter()
+            for name in names:
+                created[name] = time.perf_counter()
+                api.create(namespace(name))
+            await wait_all(names)
+            took = max(written[n] for n in names) - start
+            print(f"- burst of {burst} namespaces: {burst / took:.0f} namespaces/s ({took:.1f} s)")
+
+            # Steady rate: latency.
+            count = int(rate * seconds)
+            names = [f"steady-{i:05d}" for i in range(count)]
+            start = time.perf_counter()
+            for i, name in enumerate(names):
+                due = start + i / rate
+                delay = due - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                created[name] = time.perf_counter()
+                await asyncio.to_thread(api.create, namespace(name))
+            await wait_all(names)
+            lat = sorted((written[n] - created[n]) * 1000 for n in names)
+            achieved = count / (created[names[-1]] - start)
+
+            def pct(values: list[float]) -> str:
+                values = sorted(values)
+                p99 = values[int(len(values) * 0.99) - 1]
+                return f"p50 {statistics.median(values):.1f} ms, p99 {p99:.1f} ms"
+
+            to_bus = [(published[n] - created[n]) * 1000 for n in names]
+            on_bus = [(written[n] - published[n]) * 1000 for n in names]
+            print(f"  created in the API -> event on NATS (sim + in-process bridge): {pct(to_bus)}")
+            print(f"  event on NATS -> annotation written (the allocator): {pct(on_bus)}")
+            p50 = statistics.median(lat)
+            p99 = lat[int(len(lat) * 0.99) - 1]
+            print(
+                f"- steady {achieved:.0f}/s for {seconds:.0f} s ({count} namespaces): latency "
+                f"p50 {p50:.1f} ms, p99 {p99:.1f} ms, max {lat[-1]:.1f} ms"
+            )
+            values = [
+                (ns["metadata"].get("annotations") or {}).get(ANN) for ns in api.list("namespaces")
+            ]
+            assert len(set(values)) == len(values), "duplicate labels"
+        finally:
+            watcher.cancel()
+            for step in (client.close, bridge.stop):
+                with contextlib.suppress(Exception):
+                    await step()
+            replicas.stop()
+            api.stop()
+            server.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--burst", type=int, default=3000)
+    parser.add_argument("--rate", type=int, default=300)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--skip-e2e", action="store_true")
+    parser.add_argument("--skip-kv", action="store_true")
+    args = parser.parse_args()
+    print(f"machine: {machine()}")
+    bench_choice()
+    print("## start-up rebuild of a full ledger")
+    entries = full_entries()
+    bench_rebuild(entries)
+    if not args.skip_kv:
+        asyncio.run(bench_kv_load(entries))
+    del entries
+    if not args.skip_e2e:
+        print("## end to end (2 replicas, simulated API, real NATS)")
+        asyncio.run(bench_e2e(args.burst, args.rate, args.seconds))
+    print(json.dumps({"done": True}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,778 @@
+"""The allocator service: namespace events in, levels out, the ledger in between.
+
+Each replica mirrors the whole ledger in memory (a KV watch) for its choices, takes
+namespace events from the shared durable consumer `mcs-allocator` (so each event goes to
+one replica), and writes only through compare-and-set on the ledger. An event is acked
+only once the namespace's annotation is written (or nothing was to be done); a transient
+failure naks it with a delay, so it comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+from pydantic import ValidationError
+
+from cedar.mcs_allocator import allocator as A
+from cedar.mcs_allocator.audit import Audit
+from cedar.mcs_allocator.kubeio import (
+    REASON_CONFLICT,
+    REASON_EXHAUSTED,
+    REASON_TAMPERED,
+    NamespaceIO,
+)
+from cedar.mcs_allocator.ledger import (
+    LABEL_PREFIX,
+    NS_PREFIX,
+    LabelEntry,
+    Ledger,
+    LedgerView,
+    NsEntry,
+    label_key,
+    ns_key,
+)
+from cedar.mcs_allocator.levels import Level
+from cedar.mcs_allocator.metrics import ALLOCATIONS, CONFLICTS, LABELS, TAMPER
+from cedar.mcs_allocator.settings import AllocatorSettings
+from cedar.proto import subjects
+from cedar.proto.models import NamespaceEvent
+from cedar.runtime.backoff import Backoff
+from cedar.runtime.bus import TRANSIENT_ERRORS, history_stream, kv_bucket, namespaces_stream
+from cedar.runtime.kube import KubeClient, KubeError, load_config
+from cedar.runtime.service import Runtime
+
+log = logging.getLogger("cedar.mcs_allocator")
+
+MAX_ATTEMPTS = 8
+RETRY_DELAY = 1.0
+EXHAUSTED_RETRY_MAX = 5.0
+COMPONENT = "cedar-mcs-allocator"
+
+
+class ConfigurationRefused(RuntimeError):
+    """The settings cannot hold what the ledger already holds."""
+
+
+class LostRace(Exception):
+    """A CAS write or a conditional PATCH lost: read again and decide anew."""
+
+    def __init__(self, keys: tuple[str, ...] = (), refetch: bool = False) -> None:
+        super().__init__(", ".join(keys) or "namespace changed")
+        self.keys = keys
+        self.refetch = refetch
+
+
+@dataclass
+class RepairReport:
+    namespaces: int = 0
+    in_scope: int = 0
+    released: int = 0
+    conflicts: int = 0
+    retry: int = 0
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Allocator:
+    def __init__(
+        self,
+        settings: AllocatorSettings,
+        *,
+        kv: KeyValue | None,
+        kube: NamespaceIO | None,
+        audit: Audit,
+        dry_run: bool = False,
+    ) -> None:
+        self.settings = settings
+        self.kv = kv
+        self.ledger = Ledger(kv) if kv is not None else None
+        self.kube = kube
+        self.audit = audit
+        self.dry_run = dry_run
+        self.replica = settings.pod_name
+        self.quarantine = settings.mcs_quarantine.total_seconds()
+        self.policy = A.Policy(
+            scope=settings.scope(),
+            annotations=settings.annotations,
+            categories=settings.mcs_categories,
+            per_label=settings.mcs_categories_per_label,
+        )
+        self.view = LedgerView.build(
+            settings.mcs_categories, settings.mcs_categories_per_label, self.quarantine, []
+        )
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._lock_users: dict[str, int] = {}
+        self._exhaust_reported: set[str] = set()
+        self._conflict_reported: set[tuple[str, Level]] = set()
+
+    # -- ledger mirror ---------------------------------------------------------------
+
+    async def load(self) -> None:
+        """Read the whole ledger and build the mirror (and the pool) in one pass."""
+        if self.kv is None:
+            return
+        entries = await self._read_all()
+        self.view = LedgerView.build(
+            self.settings.mcs_categories,
+            self.settings.mcs_categories_per_label,
+            self.quarantine,
+            entries,
+        )
+        if self.view.misfits:
+            sample = ", ".join(str(e.level) for e in self.view.misfits[:5])
+            raise ConfigurationRefused(
+                f"the ledger holds {len(self.view.misfits)} label(s) that "
+                f"CEDAR_MCS_CATEGORIES={self.settings.mcs_categories} and "
+                f"CEDAR_MCS_CATEGORIES_PER_LABEL={self.settings.mcs_categories_per_label} "
+                f"cannot express (e.g. {sample}); refusing to start rather than hand out "
+                "duplicates — restore the settings the ledger was written with"
+            )
+        log.info(
+            "ledger loaded",
+            extra={"entries": len(entries), **self.view.counts(_now())},
+        )
+
+    async def _read_all(self) -> list[tuple[str, bytes, int]]:
+        """Every key's last value (deleted keys left out)."""
+        assert self.kv is not None
+        entries: list[tuple[str, bytes, int]] = []
+        watcher = await self.kv.watchall()
+        try:
+            while True:
+                entry = await watcher.updates(timeout=30)  # type: ignore[no-untyped-call]
+                if entry is None:
+                    break
+                if entry.operation not in (KV_DEL, KV_PURGE) and entry.value:
+                    entries.append((entry.key, entry.value, int(entry.revision or 0)))
+                if entry.delta == 0:
+                    break
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()  # type: ignore[no-untyped-call]
+        return entries
+
+    async def follow(self, stop: asyncio.Event, reconnects: Callable[[], int]) -> None:
+        """Keep the mirror current; start a new watch after a reconnect (the server's
+        ephemeral consumer may be gone) — the revisions make replays harmless."""
+        assert self.kv is not None
+        backoff = Backoff(base=0.2, cap=5.0)
+        while not stop.is_set():
+            seen = reconnects()
+            try:
+                watcher = await self.kv.watchall()
+            except (*TRANSIENT_ERRORS, NatsError) as err:
+                log.warning("cannot watch the ledger (%s); retrying", err)
+                await _sleep_or_stop(stop, backoff.next_delay())
+                continue
+            backoff.reset()
+            try:
+                while not stop.is_set() and reconnects() == seen:
+                    try:
+                        entry = await watcher.updates(timeout=1.0)  # type: ignore[no-untyped-call]
+                    except NatsTimeoutError:
+                        continue
+                    if entry is None:
+                        continue
+                    value = None if entry.operation in (KV_DEL, KV_PURGE) else entry.value
+                    self.view.apply(entry.key, value, int(entry.revision or 0))
+            finally:
+                with contextlib.suppress(Exception):
+                    await watcher.stop()  # type: ignore[no-untyped-call]
+
+    async def refresh(self, keys: tuple[str, ...]) -> None:
+        if self.ledger is None:
+            return
+        for key in keys:
+            value, revision = await self.ledger.get(key)
+            if value is None:
+                if key.startswith(LABEL_PREFIX) or key.startswith(NS_PREFIX):
+                    self.view.apply(key, None, revision if revision else 1 << 62)
+            else:
+                self.view.apply(key, value, revision)
+
+    async def refresh_uid(self, uid: str) -> None:
+        """Read one namespace's keys from the bucket: its binding, then every label the
+        mirror or the binding says it holds (in that order, so they agree)."""
+        await self.refresh((ns_key(uid),))
+        levels = self.view.labels_of(uid)
+        bound = self.view.ns.get(uid)
+        if bound is not None:
+            levels.add(bound.level)
+        await self.refresh(tuple(label_key(level) for level in sorted(levels)))
+
+    def update_metrics(self) -> None:
+        for state, count in self.view.counts(_now()).items():
+            LABELS.labels(state=state).set(count)
+
+    # -- one namespace ---------------------------------------------------------------
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        lock = self._locks.get(name)
+        if lock is None:
+            lock = self._locks[name] = asyncio.Lock()
+        return lock
+
+    async def handle(self, obj: A.NsObject, *, fresh: bool = False) -> float | None:
+        """Bring one namespace and the ledger into agreement.
+
+        Returns None when done, or a delay after which the event should be tried again.
+        """
+        name = obj.name
+        self._lock_users[name] = self._lock_users.get(name, 0) + 1
+        try:
+            async with self._lock(name):
+                return await self._handle(obj, fresh)
+        finally:
+            self._lock_users[name] -= 1
+            if not self._lock_users[name]:
+                del self._lock_users[name]
+                self._locks.pop(name, None)
+
+    async def _handle(self, obj: A.NsObject, fresh: bool) -> float | None:
+        checked = False
+        for _ in range(MAX_ATTEMPTS):
+            actions = A.decide(obj, self.view, self.policy)
+            if self.dry_run:
+                log.info(
+                    "dry run: would %s",
+                    ", ".join(_describe(a) for a in actions),
+                    extra={"namespace": obj.name, "uid": obj.uid, "dry_run": True},
+                )
+                return None
+            if not fresh and A.needs_fresh(obj, actions):
+                obj = await self._fetch(obj)
+                fresh = True
+                continue
+            if not checked and A.needs_ledger_check(actions):
+                await self.refresh_uid(obj.uid)
+                checked = True
+                continue
+            try:
+                return await self._execute(obj, actions)
+            except LostRace as race:
+                await self.refresh(race.keys)
+                await self.refresh_uid(obj.uid)
+                checked = True
+                if race.refetch:
+                    obj = await self._fetch(obj)
+        log.warning(
+            "namespace %s: still racing after %d attempts; retrying later",
+            obj.name,
+            MAX_ATTEMPTS,
+            extra={"namespace": obj.name},
+        )
+        return RETRY_DELAY
+
+    async def _fetch(self, obj: A.NsObject) -> A.NsObject:
+        assert self.kube is not None
+        got = await self.kube.get(obj.name)
+        if got is None:
+            return obj.gone()
+        return got
+
+    async def _execute(self, obj: A.NsObject, actions: list[A.Action]) -> float | None:
+        for action in actions:
+            if isinstance(action, A.Noop):
+                if action.reason == "existing":
+                    self._exhaust_reported.discard(obj.uid)
+            elif isinstance(action, A.Release):
+                await self._release(action)
+            elif isinstance(action, A.Drop):
+                await self._drop(action)
+            elif isinstance(action, A.Unbind):
+                await self._unbind(action.uid)
+            elif isinstance(action, A.Bind):
+                await self._bind(obj, action.level, written=False)
+            elif isinstance(action, A.Allocate):
+                delay = await self._allocate(obj, action)
+                if delay is not None:
+                    return delay
+            elif isinstance(action, A.Write):
+                await self._restore(obj, action)
+            elif isinstance(action, A.MarkWritten):
+                await self._mark_written(obj.uid)
+            elif isinstance(action, A.Adopt):
+                await self._adopt(obj, action.level)
+            elif isinstance(action, A.Conflict):
+                await self._conflict(obj, action)
+        return None
+
+    async def _release(self, action: A.Release) -> None:
+        assert self.ledger is not None
+        entry = self.view.labels.get(action.level)
+        if entry is None or entry.state != "allocated" or entry.uid != action.uid:
+            return
+        new = LabelEntry(
+            action.level, "quarantined", entry.namespace, entry.uid, _now(), self.replica
+        )
+        done = await self.ledger.change(new, entry.revision)
+        if done is None:
+            raise LostRace((label_key(action.level),))
+        self.view.set_label(done)
+        bound = self.view.ns.get(action.uid)
+        if bound is not None:
+            await self.ledger.delete(ns_key(action.uid), last=bound.revision)
+            self.view.drop_ns(action.uid, bound.revision)
+        log.info(
+            "released %s from %s (quarantined)",
+            action.level,
+            action.name,
+            extra={"namespace": action.name, "uid": action.uid, "mcs_level": str(action.level)},
+        )
+        await self.audit.record("release", action.name, action.uid, str(action.level))
+
+    async def _drop(self, action: A.Drop) -> None:
+        assert self.ledger is not None
+        entry = self.view.labels.get(action.level)
+        if entry is None or entry.uid != action.uid or entry.state != "allocated":
+            return
+        if not await self.ledger.delete(label_key(action.level), last=entry.revision):
+            raise LostRace((label_key(action.level),))
+        self.view.drop_label(action.level, entry.revision + 1)
+
+    async def _unbind(self, uid: str) -> None:
+        assert self.ledger is not None
+        bound = self.view.ns.get(uid)
+        if bound is None:
+            return
+        if not await self.ledger.delete(ns_key(uid), last=bound.revision):
+            raise LostRace((ns_key(uid),))
+        self.view.drop_ns(uid, bound.revision + 1)
+
+    async def _bind(self, obj: A.NsObject, level: Level, *, written: bool) -> NsEntry:
+        assert self.ledger is not None
+        bound = await self.ledger.bind(NsEntry(obj.uid, obj.name, level, written, _now()))
+        if bound is None:
+            raise LostRace((ns_key(obj.uid), label_key(level)))
+        self.view.set_ns(bound)
+        return bound
+
+    async def _mark_written(self, uid: str) -> None:
+        assert self.ledger is not None
+        bound = self.view.ns.get(uid)
+        if bound is None or bound.written:
+            return
+        done = await self.ledger.mark_written(bound)
+        if done is None:
+            raise LostRace((ns_key(uid),))
+        self.view.set_ns(done)
+
+    async def _write(self, obj: A.NsObject, level: Level) -> None:
+        assert self.kube is not None
+        from cedar.runtime.kube import Conflict, NotFound
+
+        try:
+            await self.kube.write_level(obj, {a: str(level) for a in self.policy.annotations})
+        except (Conflict, NotFound) as err:
+            raise LostRace(refetch=True) from err
+
+    async def _claim(self, obj: A.NsObject) -> tuple[LabelEntry, bool] | None:
+        """Claim a free label for `obj` in the ledger; None when none is free."""
+        assert self.ledger is not None
+        pool = self.view.pool
+        for _ in range(64):
+            index = pool.choose(_now().timestamp(), self.quarantine)
+            if index is None:
+                return None
+            level = pool.unrank(index)
+            new = LabelEntry(level, "allocated", obj.name, obj.uid, _now(), self.replica)
+            existing = self.view.labels.get(level)
+            if existing is None:
+                done = await self.ledger.claim(new)
+            elif existing.state == "quarantined" and (
+                (_now() - existing.at).total_seconds() >= self.quarantine
+            ):
+                done = await self.ledger.change(new, existing.revision)
+            else:
+                continue  # the pool lagged the mirror; it has it marked taken now
+            if done is not None:
+                self.view.set_label(done)
+                return done, existing is not None
+            await self.refresh((label_key(level),))
+        raise LostRace()
+
+    async def _allocate(self, obj: A.NsObject, action: A.Allocate) -> float | None:
+        assert self.ledger is not None
+        claimed = await self._claim(obj)
+        if claimed is None:
+            return await self._exhausted(obj)
+        entry, reused = claimed
+        level = entry.level
+        try:
+            bound = await self._bind(obj, level, written=False)
+        except LostRace:
+            # Another replica bound this namespace meanwhile. If to this very label (it
+            # saw our claim), the label is in use: keep it; otherwise give it back.
+            await self.refresh((ns_key(obj.uid),))
+            other = self.view.ns.get(obj.uid)
+            if (other is None or other.level != level) and await self.ledger.delete(
+                label_key(level), last=entry.revision
+            ):
+                self.view.drop_label(level, entry.revision + 1)
+            raise
+        await self._write(obj, level)
+        done = await self.ledger.mark_written(bound)
+        if done is not None:
+            self.view.set_ns(done)
+        self._exhaust_reported.discard(obj.uid)
+        ALLOCATIONS.labels(result="allocated").inc()
+        log.info(
+            "allocated %s to %s",
+            level,
+            obj.name,
+            extra={
+                "namespace": obj.name,
+                "uid": obj.uid,
+                "mcs_level": str(level),
+                "reused": reused,
+                "replaced": action.previous,
+            },
+        )
+        if reused:
+            await self.audit.record("free", obj.name, obj.uid, str(level))
+        await self.audit.record("claim", obj.name, obj.uid, str(level), action.previous)
+        return None
+
+    async def _exhausted(self, obj: A.NsObject) -> float:
+        end = self.view.pool.next_quarantine_end(self.quarantine)
+        delay = EXHAUSTED_RETRY_MAX
+        if end is not None:
+            delay = min(EXHAUSTED_RETRY_MAX, max(0.2, end - _now().timestamp() + 0.05))
+        if obj.uid not in self._exhaust_reported:
+            self._exhaust_reported.add(obj.uid)
+            ALLOCATIONS.labels(result="exhausted").inc()
+            message = (
+                f"no free MCS level: all {self.view.pool.total} labels of "
+                f"CEDAR_MCS_CATEGORIES={self.settings.mcs_categories} are allocated or "
+                "quarantined; the namespace will be labelled as soon as one frees up"
+            )
+            log.error(message, extra={"namespace": obj.name, "uid": obj.uid})
+            assert self.kube is not None
+            await self.kube.warn(obj, REASON_EXHAUSTED, message)
+            await self.audit.record("exhausted", obj.name, obj.uid)
+        return delay
+
+    async def _restore(self, obj: A.NsObject, action: A.Write) -> None:
+        await self._write(obj, action.level)
+        if action.tamper:
+            TAMPER.inc()
+            found = "removed" if action.previous is None else repr(action.previous)
+            log.warning(
+                "namespace %s: level annotation tampered with (%s); restored %s",
+                obj.name,
+                found,
+                action.level,
+                extra={
+                    "namespace": obj.name,
+                    "uid": obj.uid,
+                    "old": action.previous,
+                    "new": str(action.level),
+                },
+            )
+            assert self.kube is not None
+            await self.kube.warn(
+                obj,
+                REASON_TAMPERED,
+                f"annotation {self.policy.annotations[0]} was {found}; restored to "
+                f"{action.level}, the level this namespace holds",
+            )
+            await self.audit.record("tamper", obj.name, obj.uid, str(action.level), action.previous)
+        await self._mark_written(obj.uid)
+
+    async def _adopt(self, obj: A.NsObject, level: Level) -> None:
+        assert self.ledger is not None
+        done = await self.ledger.claim(
+            LabelEntry(level, "allocated", obj.name, obj.uid, _now(), self.replica)
+        )
+        if done is None:
+            raise LostRace((label_key(level), ns_key(obj.uid)))
+        self.view.set_label(done)
+        await self._bind(obj, level, written=True)
+        if any(obj.annotations.get(a) != str(level) for a in self.policy.annotations):
+            await self._write(obj, level)  # canonical spelling, openshift mirror
+        ALLOCATIONS.labels(result="adopted").inc()
+        log.info(
+            "adopted %s already on %s",
+            level,
+            obj.name,
+            extra={"namespace": obj.name, "uid": obj.uid, "mcs_level": str(level)},
+        )
+        await self.audit.record("adopt", obj.name, obj.uid, str(level))
+
+    async def _conflict(self, obj: A.NsObject, action: A.Conflict) -> None:
+        key = (obj.uid, action.level)
+        if key in self._conflict_reported:
+            return
+        self._conflict_reported.add(key)
+        ALLOCATIONS.labels(result="conflict").inc()
+        message = (
+            f"annotation claims {action.level}, which the ledger gives to namespace "
+            f"{action.owner_name} (uid {action.owner_uid}, {action.owner_state}); left as it "
+            "is — an operator must decide (changing a tenant's level cuts it off from its data)"
+        )
+        log.error("namespace %s: %s", obj.name, message, extra={"namespace": obj.name})
+        assert self.kube is not None
+        await self.kube.warn(obj, REASON_CONFLICT, message)
+        await self.audit.record("conflict", obj.name, obj.uid, str(action.level))
+
+    # -- repair ----------------------------------------------------------------------
+
+    async def repair(self, concurrency: int = 16) -> RepairReport:
+        """Reconcile every namespace (a direct list) with the ledger."""
+        assert self.kube is not None
+        report = RepairReport()
+        objs = [obj async for obj in self.kube.list_all()]
+        report.namespaces = len(objs)
+        report.in_scope = sum(1 for o in objs if self.policy.scope.includes(o.name, o.labels))
+        live = {o.uid for o in objs}
+        sem = asyncio.Semaphore(concurrency)
+
+        async def one(obj: A.NsObject, fresh: bool) -> None:
+            async with sem:
+                try:
+                    if await self.handle(obj, fresh=fresh) is not None:
+                        report.retry += 1
+                except (KubeError, *TRANSIENT_ERRORS, NatsError) as err:
+                    report.retry += 1
+                    log.warning("repair of %s failed: %s", obj.name, err)
+
+        await asyncio.gather(*(one(o, True) for o in objs))
+        # A ledger entry whose uid was not listed may belong to a namespace created since
+        # the list began: `handle` reads it by name before releasing anything.
+        orphans = [e for e in self.view.allocated() if e.uid not in live]
+        for entry in orphans:
+            got = await self.kube.get(entry.namespace)
+            if got is None or got.uid != entry.uid:
+                gone = A.NsObject(entry.namespace, entry.uid, deleted=True)
+                await one(gone, True)
+                report.released += 1
+        found = A.conflicts(objs, self.policy)
+        CONFLICTS.set(len(found))
+        report.conflicts = len(found)
+        for level, claimants in found.items():
+            owner = self.view.labels.get(level)
+            names = sorted(o.name for o in claimants)
+            log.error(
+                "label %s is claimed by %d namespaces: %s (ledger owner: %s); not reassigned",
+                level,
+                len(claimants),
+                ", ".join(names),
+                owner.namespace if owner else "none",
+                extra={"mcs_level": str(level), "namespaces": names},
+            )
+            for obj in claimants:
+                if owner is not None and obj.uid == owner.uid:
+                    continue
+                key = (obj.uid, level)
+                if key not in self._conflict_reported:
+                    self._conflict_reported.add(key)
+                    await self.audit.record("conflict", obj.name, obj.uid, str(level))
+        self.update_metrics()
+        log.info("repair done", extra={"report": report.__dict__})
+        return report
+
+
+def _describe(action: A.Action) -> str:
+    return type(action).__name__.lower() + (
+        f"({getattr(action, 'level', '')})" if getattr(action, "level", None) else ""
+    )
+
+
+async def _sleep_or_stop(stop: asyncio.Event, delay: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), delay)
+
+
+# -- the service -------------------------------------------------------------------------
+
+
+async def _consume(rt: Runtime[AllocatorSettings], alloc: Allocator) -> None:
+    """The shared durable consumer: ack after the work is done, nak with delay if not."""
+    settings = rt.settings
+    js = rt.bus.js
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def process(msg: Msg) -> None:
+        try:
+            try:
+                event = NamespaceEvent.model_validate_json(msg.data)
+            except ValidationError as err:
+                log.error("undecodable namespace event on %s: %s", msg.subject, err)
+                await msg.term()
+                return
+            try:
+                delay = await alloc.handle(A.NsObject.from_event(event))
+            except (KubeError, *TRANSIENT_ERRORS, NatsError) as err:
+                log.warning("namespace %s: %s; will retry", event.name, err)
+                delay = RETRY_DELAY
+            if delay is None:
+                await msg.ack()
+            else:
+                await msg.nak(delay=delay)
+        except (*TRANSIENT_ERRORS, NatsError) as err:
+            log.debug("cannot ack (%s); the event will be redelivered", err)
+
+    backoff = Backoff(base=0.2, cap=5.0)
+    behind = True
+    sub: JetStreamContext.PullSubscription | None = None
+    while not rt.stop.is_set():
+        room = settings.mcs_max_in_flight - len(tasks)
+        if room <= 0:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            continue
+        try:
+            if sub is None:
+                sub = await js.pull_subscribe(
+                    f"{subjects.NAMESPACES_PREFIX}.>",
+                    durable=subjects.ALLOCATOR_DURABLE,
+                    stream=subjects.STREAM_NAMESPACES,
+                    config=ConsumerConfig(
+                        durable_name=subjects.ALLOCATOR_DURABLE,
+                        ack_policy=AckPolicy.EXPLICIT,
+                        deliver_policy=DeliverPolicy.ALL,
+                        ack_wait=60,
+                        max_ack_pending=4096,
+                        max_deliver=-1,
+                    ),
+                )
+            # A batch long-poll waits for the whole batch (or the timeout) once the stream is
+            # drained, which would hold a lone event back; ask for one until we are behind.
+            want = room if behind else 1
+            msgs = await sub.fetch(batch=want, timeout=0.02 if behind else 1.0)
+            behind = len(msgs) >= want
+            backoff.reset()
+        except NatsTimeoutError:
+            behind = False
+            continue
+        except (*TRANSIENT_ERRORS, NatsError) as err:
+            log.warning("cannot fetch namespace events (%s); retrying", err)
+            if backoff.attempts > 3 and sub is not None:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+                sub = None
+            await _sleep_or_stop(rt.stop, backoff.next_delay())
+            continue
+        for msg in msgs:
+            task = asyncio.create_task(process(msg))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+    # Finish what is in flight; anything unfinished is redelivered after ack_wait.
+    if tasks:
+        await asyncio.wait(tasks, timeout=10)
+    if sub is not None:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+
+
+async def _from_subject(rt: Runtime[AllocatorSettings], alloc: Allocator, subject: str) -> None:
+    """Decisions for events published to `subject` (e.g. `cedar replay`), not the stream."""
+    queue: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def on_msg(msg: Msg) -> None:
+        await queue.put(msg.data)
+
+    sub = await rt.bus.nc.subscribe(subject, cb=on_msg)
+    log.info("taking namespace events from %s", subject)
+    try:
+        while not rt.stop.is_set():
+            try:
+                data = await asyncio.wait_for(queue.get(), 1.0)
+            except TimeoutError:
+                continue
+            try:
+                event = NamespaceEvent.model_validate_json(data)
+            except ValidationError as err:
+                log.warning("not a namespace event on %s: %s", subject, err)
+                continue
+            await alloc.handle(A.NsObject.from_event(event))
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+
+
+async def _periodic(
+    stop: asyncio.Event, interval: float, fn: Callable[[], Awaitable[object]], jitter: float
+) -> None:
+    while not stop.is_set():
+        await _sleep_or_stop(stop, interval * (1 + jitter * (random.random() - 0.5)))
+        if stop.is_set():
+            return
+        try:
+            await fn()
+        except (KubeError, *TRANSIENT_ERRORS, NatsError) as err:
+            log.warning("periodic task failed (%s); next run as scheduled", err)
+
+
+async def main(rt: Runtime[AllocatorSettings]) -> None:
+    settings = rt.settings
+    dry_run = settings.dry_run
+    rt.health.require("ledger")
+    kvs = await rt.bus.ensure(
+        streams=[namespaces_stream(settings), history_stream(settings)],
+        buckets=[kv_bucket(settings, subjects.KV_MCS_LEDGER)],
+    )
+    kv = kvs[subjects.KV_MCS_LEDGER]
+    client = None if dry_run else KubeClient(load_config(settings.kubeconfig))
+    kube = NamespaceIO(client, COMPONENT, settings.pod_name) if client is not None else None
+    audit = Audit(rt.bus, settings.pod_name, dry_run=dry_run)
+    alloc = Allocator(settings, kv=kv, kube=kube, audit=audit, dry_run=dry_run)
+    try:
+        await alloc.load()
+        rt.health.set("ledger", True)
+        alloc.update_metrics()
+
+        def reconnects() -> int:
+            return int(rt.bus.nc.stats.get("reconnects", 0))
+
+        tasks = [
+            asyncio.create_task(alloc.follow(rt.stop, reconnects), name="ledger-follow"),
+            asyncio.create_task(
+                _periodic(rt.stop, 2.0, _async(alloc.update_metrics), 0.0), name="metrics"
+            ),
+        ]
+        if settings.from_subject:
+            tasks.append(asyncio.create_task(_from_subject(rt, alloc, settings.from_subject)))
+        else:
+            if not dry_run:
+                tasks.append(asyncio.create_task(_first_repair(rt, alloc), name="repair"))
+            tasks.append(asyncio.create_task(_consume(rt, alloc), name="consume"))
+        try:
+            await rt.stop.wait()
+        finally:
+            for task in tasks:
+                if task.get_name() != "consume":
+                    task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        if client is not None:
+            await client.close()
+
+
+async def _first_repair(rt: Runtime[AllocatorSettings], alloc: Allocator) -> None:
+    interval = rt.settings.mcs_resync_interval.total_seconds()
+    try:
+        await alloc.repair()
+    except (KubeError, *TRANSIENT_ERRORS, NatsError) as err:
+        log.warning("start-up repair failed (%s); next run in %.0fs", err, interval)
+    await _periodic(rt.stop, interval, alloc.repair, 0.2)
+
+
+def _async(fn: Callable[[], None]) -> Callable[[], Awaitable[None]]:
+    async def run() -> None:
+        fn()
+
+    return run

@@ -1,0 +1,77 @@
+"""Run the MCS allocator: give every tenant namespace a unique SELinux level.
+
+Consumes namespace events from NATS (the shared durable consumer `mcs-allocator`, so run
+as many replicas as you like), claims a free label `s0:cA,cB` by compare-and-set in the
+NATS KV bucket `cedar-mcs-ledger`, and writes it to the namespace annotation. Released
+labels are quarantined before reuse; tampered annotations are restored.
+
+environment:
+  CEDAR_NATS_URL                  NATS server(s), comma separated (default nats://127.0.0.1:4222)
+  KUBECONFIG                      kubeconfig file; in-cluster config when unset inside a pod
+  CEDAR_NAMESPACE                 Cedar's own namespace, never labelled (default cedar-system)
+  CEDAR_MCS_ANNOTATION            annotation carrying the level (default cedar.io/selinux-level)
+  CEDAR_MCS_EXCLUDE               namespaces never labelled, comma separated
+                                  (default kube-system,kube-public,kube-node-lease,default)
+  CEDAR_MCS_SELECTOR              only namespaces matching this label selector (default: all)
+  CEDAR_MCS_CATEGORIES            categories c0..cN-1 (default 1024)
+  CEDAR_MCS_CATEGORIES_PER_LABEL  2 (default; 523,776 labels of 1024) or 3
+  CEDAR_MCS_QUARANTINE            how long a released label rests before reuse (default 7d)
+  CEDAR_MCS_RESYNC_INTERVAL       full reconcile with the API every (default 10m)
+  CEDAR_MCS_OPENSHIFT_COMPAT      also write openshift.io/sa.scc.mcs (default false)
+  CEDAR_MCS_MAX_IN_FLIGHT         namespace events handled at once per replica (default 64)
+  CEDAR_HISTORY_RETENTION         how long the audit trail is kept (default 7d)
+  CEDAR_METRICS_PORT              /metrics, /healthz, /readyz (default 9103)
+  CEDAR_POD_NAME                  this replica's name in the audit trail (default: host name)
+  CEDAR_LOG_LEVEL                 DEBUG, INFO, WARNING or ERROR (default INFO)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from pydantic import ValidationError
+
+EPILOG = """\
+metrics: cedar_mcs_labels{state}, cedar_mcs_allocations_total{result},
+cedar_mcs_tamper_total, cedar_mcs_conflicts, cedar_mcs_patch_failures_total.
+docs: docs/mcs-allocator.md (ledger schema, behaviour)."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="log each decision it would take; write nothing (no API calls, no ledger writes)",
+    )
+    parser.add_argument(
+        "--from-subject",
+        metavar="SUBJECT",
+        help="take NamespaceEvents from this NATS subject instead of the durable consumer "
+        "(e.g. events re-published by `cedar replay`); use with --dry-run",
+    )
+    parser.add_argument("--metrics-port", type=int, help="overrides CEDAR_METRICS_PORT")
+    parser.add_argument("--nats-url", help="overrides CEDAR_NATS_URL")
+
+
+def main(args: argparse.Namespace) -> int:
+    from cedar.mcs_allocator.app import main as service_main
+    from cedar.mcs_allocator.settings import AllocatorSettings
+    from cedar.runtime.service import run
+
+    overrides: dict[str, object] = {
+        "dry_run": bool(args.dry_run),
+        "from_subject": args.from_subject,
+        "kubeconfig": os.environ.get("KUBECONFIG"),
+    }
+    if args.metrics_port is not None:
+        overrides["metrics_port"] = args.metrics_port
+    if args.nats_url:
+        overrides["nats_url"] = args.nats_url
+    try:
+        settings = AllocatorSettings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as err:
+        print(f"cedar mcs-allocator: invalid settings:\n{err}", file=sys.stderr)
+        return 2
+    return run("mcs-allocator", settings, service_main)

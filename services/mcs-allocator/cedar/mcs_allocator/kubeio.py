@@ -1,0 +1,120 @@
+"""The allocator's Kubernetes calls: read, list and annotate namespaces, record Events."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+from cedar.mcs_allocator.allocator import NsObject
+from cedar.mcs_allocator.metrics import PATCH_FAILURES
+from cedar.runtime.backoff import Backoff
+from cedar.runtime.kube import Conflict, KubeClient, KubeError, NotFound, resource_path
+
+log = logging.getLogger("cedar.mcs_allocator.kube")
+
+# Statuses worth retrying: unreachable (0), throttled, server-side trouble.
+_TRANSIENT = {0, 429, 500, 502, 503, 504}
+PATCH_ATTEMPTS = 6
+
+REASON_TAMPERED = "MCSLevelTampered"
+REASON_EXHAUSTED = "MCSLevelsExhausted"
+REASON_CONFLICT = "MCSLevelConflict"
+
+
+def transient(err: KubeError) -> bool:
+    return err.status in _TRANSIENT
+
+
+class NamespaceIO:
+    def __init__(self, client: KubeClient, component: str, replica: str) -> None:
+        self.client = client
+        self.component = component
+        self.replica = replica
+
+    async def get(self, name: str) -> NsObject | None:
+        """The namespace as it is now; None when it does not exist."""
+        backoff = Backoff(base=0.05, cap=2.0)
+        while True:
+            try:
+                raw = await self.client.get(resource_path("Namespace", None, name))
+                return NsObject.from_api(raw)
+            except NotFound:
+                return None
+            except KubeError as err:
+                if not transient(err) or backoff.attempts >= PATCH_ATTEMPTS:
+                    raise
+                await asyncio.sleep(backoff.next_delay())
+
+    async def list_all(self) -> AsyncIterator[NsObject]:
+        async for items, _rv in self.client.list_pages(resource_path("Namespace"), limit=500):
+            for item in items:
+                yield NsObject.from_api(item)
+
+    async def write_level(self, obj: NsObject, annotations: dict[str, str]) -> None:
+        """Merge the annotations, on the condition that the namespace is still `obj`.
+
+        The resourceVersion precondition makes the write fail with Conflict (409) if the
+        namespace changed since it was read (or was deleted and re-created under the same
+        name): the caller reads it again and decides anew. Transient failures are retried
+        with backoff and counted.
+        """
+        body: dict[str, object] = {"metadata": {"annotations": annotations}}
+        if obj.resource_version:
+            body = {
+                "metadata": {"annotations": annotations, "resourceVersion": obj.resource_version}
+            }
+        path = resource_path("Namespace", None, obj.name)
+        backoff = Backoff(base=0.05, cap=2.0)
+        while True:
+            try:
+                await self.client.patch(path, body, merge="merge")
+                return
+            except (Conflict, NotFound):
+                raise
+            except KubeError as err:
+                PATCH_FAILURES.inc()
+                if not transient(err) or backoff.attempts >= PATCH_ATTEMPTS:
+                    raise
+                delay = backoff.next_delay()
+                log.warning(
+                    "annotating namespace %s failed (%s); retrying in %.2fs",
+                    obj.name,
+                    err,
+                    delay,
+                    extra={"namespace": obj.name},
+                )
+                await asyncio.sleep(delay)
+
+    async def warn(self, obj: NsObject, reason: str, message: str) -> None:
+        """A Warning Event on the namespace; failures are logged, never fatal."""
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {
+                "name": f"{obj.name}.{uuid.uuid4().hex[:16]}",
+                "namespace": obj.name,
+            },
+            "involvedObject": {
+                "apiVersion": "v1",
+                "kind": "Namespace",
+                "name": obj.name,
+                "uid": obj.uid,
+            },
+            "reason": reason,
+            "message": message,
+            "type": "Warning",
+            "source": {"component": self.component},
+            "reportingComponent": self.component,
+            "reportingInstance": self.replica,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            await self.client.create(resource_path("Event", obj.name), event)
+        except KubeError as err:
+            log.warning("cannot record Event %s on %s: %s", reason, obj.name, err)
