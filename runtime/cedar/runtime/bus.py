@@ -154,6 +154,7 @@ class Bus:
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
         self.connected_event = asyncio.Event()
+        self._closing = False
 
     @property
     def nc(self) -> NatsClient:
@@ -180,6 +181,8 @@ class Bus:
             self.connected_event.clear()
 
     async def _disconnected(self) -> None:
+        if self._closing:  # our own shutdown, not an outage
+            return
         log.warning("NATS connection lost; reconnecting", extra={"servers": self.settings.nats_url})
         self._set_state(False, "disconnected")
 
@@ -258,9 +261,14 @@ class Bus:
                 await asyncio.sleep(delay)
 
     async def close(self) -> None:
-        if self._nc is not None and not self._nc.is_closed:
+        """Drain (deliver what is buffered) and close; never raises, even mid-reconnect."""
+        self._closing = True
+        nc = self._nc
+        if nc is not None and not nc.is_closed:
             try:
-                await self._nc.drain()
-            except (NatsError, TimeoutError):
-                await self._nc.close()
+                await nc.drain()
+            except (NatsError, TimeoutError, OSError):
+                # Between reconnects there is nothing to drain to.
+                with contextlib.suppress(NatsError, TimeoutError, OSError):
+                    await nc.close()
         self._set_state(False, "closed")

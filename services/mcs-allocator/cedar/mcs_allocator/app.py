@@ -721,10 +721,11 @@ async def main(rt: Runtime[AllocatorSettings]) -> None:
     settings = rt.settings
     dry_run = settings.dry_run
     rt.health.require("ledger")
-    kvs = await rt.bus.ensure(
-        streams=[namespaces_stream(settings), history_stream(settings)],
-        buckets=[kv_bucket(settings, subjects.KV_MCS_LEDGER)],
+    # The watcher owns the streams; the allocator only makes sure they exist.
+    await rt.bus.ensure(
+        streams=[namespaces_stream(settings), history_stream(settings)], update=False
     )
+    kvs = await rt.bus.ensure(buckets=[kv_bucket(settings, subjects.KV_MCS_LEDGER)])
     kv = kvs[subjects.KV_MCS_LEDGER]
     client = None if dry_run else KubeClient(load_config(settings.kubeconfig))
     kube = NamespaceIO(client, COMPONENT, settings.pod_name) if client is not None else None

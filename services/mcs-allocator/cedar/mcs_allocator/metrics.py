@@ -7,7 +7,7 @@ from prometheus_client import Counter, Gauge
 LABELS = Gauge("cedar_mcs_labels", "MCS labels by state (allocated, quarantined, free).", ["state"])
 ALLOCATIONS = Counter(
     "cedar_mcs_allocations",
-    "Allocation attempts by result (allocated, adopted, existing, exhausted, conflict, error).",
+    "Allocation decisions by result (allocated, adopted, exhausted, conflict).",
     ["result"],
 )
 TAMPER = Counter(
