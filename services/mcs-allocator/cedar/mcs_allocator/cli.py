@@ -74,4 +74,4 @@ def main(args: argparse.Namespace) -> int:
     except ValidationError as err:
         print(f"cedar mcs-allocator: invalid settings:\n{err}", file=sys.stderr)
         return 2
-    return run("mcs-allocator", settings, service_main)
+    return run("mcs-allocator", settings, service_main, checks=("ledger",))

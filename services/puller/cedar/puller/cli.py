@@ -130,4 +130,4 @@ def main(args: argparse.Namespace) -> int:
     except (ValidationError, ValueError) as err:
         print(f"cedar puller: invalid settings: {err}", file=sys.stderr)
         return 2
-    return run("puller", settings, puller_main)
+    return run("puller", settings, puller_main, checks=("engine", "node", "desired"))
