@@ -3,9 +3,11 @@ and `make_images`, which pushes real images through the session's Docker engine.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -110,26 +112,10 @@ class ImageMaker:
         self,
         count: int = 1,
         size_bytes: int = 64 * 1024,
-        *,
-        registry: Registry | None = None,
-        prefix: str | None = None,
-        tag: str = "v1",
-        labels: Mapping[str, str] | None = None,
-        auth: tuple[str, str] | None = None,
-        keep_local: bool = False,
+        **options: Any,
     ) -> list[str]:
-        """Like calling it, without blocking the event loop."""
-        return await images.amake_images(
-            self.engine,
-            self._target(registry),
-            count,
-            size_bytes,
-            prefix=prefix if prefix is not None else f"cedar-test/t{next(_calls)}/img",
-            tag=tag,
-            labels=labels,
-            auth=auth,
-            keep_local=keep_local,
-        )
+        """Like calling it (same options), without blocking the event loop."""
+        return await asyncio.to_thread(self, count, size_bytes, **options)
 
     async def push_new_content(
         self,

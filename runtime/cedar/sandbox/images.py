@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import io
 import json
 import os
@@ -20,13 +21,16 @@ import tarfile
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, ParamSpec, TypeVar
 
 from cedar.sandbox.dockerd import DockerEngine
 from cedar.sandbox.registry import Registry
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 __all__ = [
     "amake_images",
@@ -254,53 +258,15 @@ def push_new_content(
     )
 
 
-async def amake_images(
-    engine: DockerEngine,
-    registry: Registry | str,
-    count: int,
-    size_bytes: int,
-    *,
-    prefix: str = "cedar-test/img",
-    tag: str = "v1",
-    labels: Mapping[str, str] | None = None,
-    auth: tuple[str, str] | None = None,
-    keep_local: bool = False,
-    workers: int | None = None,
-) -> list[str]:
-    """:func:`make_images` in a worker thread, for asyncio callers."""
-    return await asyncio.to_thread(
-        make_images,
-        engine,
-        registry,
-        count,
-        size_bytes,
-        prefix=prefix,
-        tag=tag,
-        labels=labels,
-        auth=auth,
-        keep_local=keep_local,
-        workers=workers,
-    )
+def _in_thread(fn: Callable[P, R]) -> Callable[P, Coroutine[Any, Any, R]]:
+    """`fn` as a coroutine function that runs it in a worker thread, for asyncio callers."""
+
+    @functools.wraps(fn)
+    async def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+    return run
 
 
-async def apush_new_content(
-    engine: DockerEngine,
-    registry: Registry | str,
-    ref: str,
-    size_bytes: int = 256 * 1024,
-    *,
-    labels: Mapping[str, str] | None = None,
-    auth: tuple[str, str] | None = None,
-    keep_local: bool = False,
-) -> str:
-    """:func:`push_new_content` in a worker thread, for asyncio callers."""
-    return await asyncio.to_thread(
-        push_new_content,
-        engine,
-        registry,
-        ref,
-        size_bytes,
-        labels=labels,
-        auth=auth,
-        keep_local=keep_local,
-    )
+amake_images = _in_thread(make_images)
+apush_new_content = _in_thread(push_new_content)
