@@ -473,7 +473,8 @@ class Puller:
         for image, kind in result.pulls:
             self._start_pull(image, kind)
 
-        for record in self.records.values():
+        # A snapshot: pulls finishing while a status write awaits add records.
+        for record in list(self.records.values()):
             await self.status.publish_image(record, desired.workloads_of(record.image))
         export_metrics(self.records.values(), len(desired))
         self._check_warm()
