@@ -11,7 +11,7 @@
    Target: 300/s and p99 < 100 ms.
 
     .venv/bin/python bench/bench_mcs.py [--burst 3000] [--rate 300] [--seconds 10]
-        [--skip-e2e] [--skip-kv]
+        [--skip-e2e] [--skip-kv] [--with-ns]
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cedar.mcs_allocator.ledger import LabelEntry, LedgerView, label_key
+from cedar.mcs_allocator.ledger import LabelEntry, LedgerView, NsEntry, label_key, ns_key
 from cedar.mcs_allocator.pool import Pool
 from cedar.mcs_allocator.settings import AllocatorSettings
 
@@ -66,14 +66,18 @@ def bench_choice() -> None:
         print(f"- {fill:4.0%} full: {per:.2f} µs per choice ({n} choices)")
 
 
-def full_entries() -> list[tuple[str, bytes, int]]:
+def full_entries(with_ns: bool = False) -> list[tuple[str, bytes, int]]:
+    """Every label allocated; with `with_ns`, also each namespace's `ns.<uid>` binding."""
     pool = Pool(1024, 2)
     at = datetime.now(UTC)
     out = []
     for i in range(TOTAL):
         level = pool.unrank(i)
         entry = LabelEntry(level, "allocated", f"tenant-{i}", f"uid-{i}", at, "bench")
-        out.append((label_key(level), entry.encode(), i + 1))
+        out.append((label_key(level), entry.encode(), len(out) + 1))
+        if with_ns:
+            bound = NsEntry(f"uid-{i}", f"tenant-{i}", level, True, at)
+            out.append((ns_key(bound.uid), bound.encode(), len(out) + 1))
     return out
 
 
@@ -82,6 +86,7 @@ def bench_rebuild(entries: list[tuple[str, bytes, int]]) -> None:
     view = LedgerView.build(1024, 2, 7 * 86400.0, entries)
     took = time.perf_counter() - start
     assert view.pool.free == 0
+    assert len(view.labels) == TOTAL
     print(f"- rebuild from {len(entries)} ledger entries (decode + mirror + pool): {took:.2f} s")
 
 
@@ -103,20 +108,29 @@ async def bench_kv_load(entries: list[tuple[str, bytes, int]]) -> None:
             kv = await nc.jetstream().create_key_value(kv_bucket(settings, subjects.KV_MCS_LEDGER))
             start = time.perf_counter()
             prefix = f"$KV.{subjects.KV_MCS_LEDGER}."
-            for i, (key, value, _) in enumerate(entries):
-                await nc.publish(prefix + key, value)
-                if i % 20000 == 0:
-                    await nc.flush()
-            await nc.flush()
-            while (await kv.status()).values < len(entries):  # noqa: ASYNC110
-                await asyncio.sleep(0.2)
+            # Acknowledged publishes (async, bounded in flight): plain publishes at this rate
+            # were silently dropped now and then, and the fill waited forever.
+            js = nc.jetstream()
+            acks = []
+            for key, value, _ in entries:
+                acks.append(await js.publish_async(prefix + key, value))
+                if len(acks) >= 20000:
+                    await asyncio.gather(*acks)
+                    acks.clear()
+            await asyncio.gather(*acks)
+            assert (await kv.status()).values == len(entries)
             print(f"  (filling the bucket took {time.perf_counter() - start:.1f} s)")
-            alloc = Allocator(settings, kv=kv, kube=None, audit=Audit(None, "bench"))
+            alloc = Allocator(settings, kv=kv, kube=None, audit=Audit(None, "bench"), js=js)
             start = time.perf_counter()
             await alloc.load()
             took = time.perf_counter() - start
             assert alloc.view.pool.free == 0
-            print(f"- start-up load of a full ledger from NATS KV (watch + build): {took:.2f} s")
+            assert len(alloc.view.labels) == TOTAL
+            assert alloc.seq == len(entries)
+            print(
+                f"- start-up load of a full ledger from NATS KV ({len(entries)} keys; "
+                f"stream read + build): {took:.2f} s"
+            )
             await nc.close()
         finally:
             server.stop()
@@ -235,11 +249,16 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--skip-e2e", action="store_true")
     parser.add_argument("--skip-kv", action="store_true")
+    parser.add_argument(
+        "--with-ns",
+        action="store_true",
+        help="the full ledger also holds every namespace's ns.<uid> key (twice the entries)",
+    )
     args = parser.parse_args()
     print(f"machine: {machine()}")
     bench_choice()
     print("## start-up rebuild of a full ledger")
-    entries = full_entries()
+    entries = full_entries(args.with_ns)
     bench_rebuild(entries)
     if not args.skip_kv:
         asyncio.run(bench_kv_load(entries))
