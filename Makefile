@@ -61,7 +61,9 @@ schemas: deps
 	$(PY) -m cedar.proto.schemas
 
 bench: deps
-	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	$(PY) bench/bench_watcher.py
+	$(PY) bench/bench_puller.py
+	$(PY) bench/bench_mcs.py --e2e-real
 
 clean:
 	rm -rf $(VENV) $(TOOLS_VENV) .mypy_cache .ruff_cache .pytest_cache
