@@ -34,6 +34,7 @@ from typing import Any
 from nats.js import JetStreamContext
 from pydantic import Field, ValidationError
 
+from cedar.mcs_allocator.ledger import LABEL_PREFIX, NS_PREFIX, LabelEntry, NsEntry
 from cedar.ops import common, natsio
 from cedar.ops.desired import (
     ImageSummary,
@@ -202,51 +203,37 @@ class NamespaceLevel:
         }
 
 
-def _parse_at(value: object) -> datetime | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-
-
 def ledger_levels(
     ledger: dict[str, bytes], now: datetime, quarantine: timedelta
 ) -> list[NamespaceLevel]:
-    """Labels from the ledger's documented schema (`label.*` for the truth, `ns.*` for the
-    annotation's state). Pure."""
+    """Labels from the allocator's ledger (`label.*` for the truth, `ns.*` for the
+    annotation's state), read with the allocator's own decoders. Unreadable entries are
+    left out. Pure."""
     written: dict[str, bool] = {}
+    labels: list[LabelEntry] = []
     for key, raw in ledger.items():
-        if key.startswith("ns."):
-            try:
-                written[key[3:]] = bool(json.loads(raw).get("written"))
-            except (ValueError, AttributeError):
-                continue
-    levels = []
-    for key, raw in ledger.items():
-        if not key.startswith("label."):
-            continue
         try:
-            entry = json.loads(raw)
-        except ValueError:
+            if key.startswith(NS_PREFIX):
+                entry = NsEntry.decode(key, raw, 0)
+                written[entry.uid] = entry.written
+            elif key.startswith(LABEL_PREFIX):
+                labels.append(LabelEntry.decode(key, raw, 0))
+        except (ValueError, KeyError, TypeError, AttributeError):
             continue
-        if not isinstance(entry, dict):
-            continue
-        at = _parse_at(entry.get("at"))
-        state = str(entry.get("state", "?"))
-        if state == "quarantined" and at is not None and now - at >= quarantine:
+    levels = []
+    for label in labels:
+        state: str = label.state
+        if state == "quarantined" and now - label.at >= quarantine:
             state = "reusable"
-        uid = str(entry.get("uid", ""))
         levels.append(
             NamespaceLevel(
-                namespace=str(entry.get("namespace", "")),
-                uid=uid,
-                level=str(entry.get("level", key[6:])),
+                namespace=label.namespace,
+                uid=label.uid,
+                level=str(label.level),
                 state=state,
-                at=at,
-                replica=str(entry.get("replica", "")),
-                annotated=written.get(uid) if state == "allocated" else None,
+                at=label.at,
+                replica=label.replica,
+                annotated=written.get(label.uid) if state == "allocated" else None,
             )
         )
     levels.sort(key=lambda n: (n.state != "allocated", n.namespace, n.level))
