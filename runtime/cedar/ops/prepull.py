@@ -278,14 +278,8 @@ async def _ensure_streams(js: JetStreamContext, settings: CommonSettings) -> Non
 
     Existing streams are left as they are: their configuration is the services' business.
     """
-    try:
-        await js.stream_info(subjects.STREAM_WORKLOADS)
-        return
-    except NotFoundError:
-        pass
-    for config in (workloads_stream(settings), namespaces_stream(settings)):
-        await ensure_stream(js, config)
-    await ensure_stream(js, history_stream(settings))
+    for config in (workloads_stream, namespaces_stream, history_stream):
+        await ensure_stream(js, config(settings), update=False)
 
 
 async def _publish(js: JetStreamContext, targets: Iterable[WorkloadImageSet], ttl: float) -> None:
