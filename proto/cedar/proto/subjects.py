@@ -29,17 +29,17 @@ KV_MCS_LEDGER = "cedar-mcs-ledger"
 
 ALLOCATOR_DURABLE = "mcs-allocator"
 
-# Kinds whose image sets travel on cedar.workloads (Prepull: images published by
-# `cedar prepull`, not a Kubernetes kind).
-WORKLOAD_KINDS = (
+# Kubernetes kinds whose image sets travel on cedar.workloads; `cedar prepull` adds
+# entries of its own kind, PREPULL_KIND.
+KUBERNETES_WORKLOAD_KINDS = (
     "Deployment",
     "ReplicaSet",
     "DaemonSet",
     "StatefulSet",
     "Job",
     "CronJob",
-    "Prepull",
 )
+PREPULL_KIND = "Prepull"
 
 
 def token(name: str) -> str:

@@ -20,6 +20,7 @@ import kubernetes_validate
 import yaml
 
 from cedar.ops.records import PREPULLED_KINDS, prepull_name
+from cedar.proto import subjects
 from cedar.proto.models import OwnerRef, WorkloadImageSet
 from cedar.watcher.extract import BadObject, extract_workload
 
@@ -147,7 +148,7 @@ def prepull_set(
         raise ManifestError(f"{manifest.where}: {err}") from err
     return wis.model_copy(
         update={
-            "kind": "Prepull",
+            "kind": subjects.PREPULL_KIND,
             "name": prepull_name(str(kind), wis.name),
             "owner": OwnerRef(kind=str(kind), name=wis.name, uid=wis.uid),
             "replicas": None,

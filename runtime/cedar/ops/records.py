@@ -203,7 +203,7 @@ def _identity_matches(i: Identity, f: Filters, record_type: str) -> bool:
 
 
 # `cedar prepull` names its entries `<kind>-<name>` after the workload they stand for.
-PREPULLED_KINDS = ("Deployment", "ReplicaSet", "DaemonSet", "StatefulSet", "Job", "CronJob", "Pod")
+PREPULLED_KINDS = (*subjects.KUBERNETES_WORKLOAD_KINDS, "Pod")
 
 
 def prepull_name(kind: str, name: str) -> str:
@@ -212,7 +212,7 @@ def prepull_name(kind: str, name: str) -> str:
 
 def prepull_origin(kind: str, namespace: str, name: str) -> Identity | None:
     """The workload a `Prepull` entry stands for (None for anything else)."""
-    if kind != "Prepull":
+    if kind != subjects.PREPULL_KIND:
         return None
     for origin in PREPULLED_KINDS:
         prefix = origin.lower() + "-"

@@ -4,17 +4,10 @@ from __future__ import annotations
 
 from pydantic import AliasChoices, Field, field_validator
 
+from cedar.proto import subjects
 from cedar.runtime.settings import CommonSettings
 
-ALL_KINDS: tuple[str, ...] = (
-    "Deployment",
-    "ReplicaSet",
-    "DaemonSet",
-    "StatefulSet",
-    "Job",
-    "CronJob",
-    "Namespace",
-)
+ALL_KINDS: tuple[str, ...] = (*subjects.KUBERNETES_WORKLOAD_KINDS, "Namespace")
 _CANONICAL = {kind.lower(): kind for kind in ALL_KINDS}
 
 
