@@ -21,7 +21,13 @@ NAMESPACES_PREFIX = "cedar.namespaces"
 STREAM_HISTORY = "CEDAR_HISTORY"
 AUDIT_PREFIX = "cedar.audit"
 DECISIONS_PREFIX = "cedar.decisions"
+# `cedar replay --to` re-publishes history under cedar.replay.> into its own stream; each
+# message carries where it came from, so dry-run consumers can tell kinds apart.
 REPLAY_PREFIX = "cedar.replay"
+STREAM_REPLAY = "CEDAR_REPLAY"
+ORIGINAL_SUBJECT_HEADER = "Cedar-Original-Subject"
+ORIGINAL_SEQ_HEADER = "Cedar-Original-Seq"
+ORIGINAL_TIME_HEADER = "Cedar-Original-Time"
 
 KV_NODE_STATUS = "cedar-node-status"
 KV_PULLER_STATE = "cedar-puller-state"

@@ -60,17 +60,13 @@ examples:
 exit status: 0 (also when nothing matched), 1 when NATS cannot be read, 2 on bad options.
 """
 
-STREAM_REPLAY = "CEDAR_REPLAY"
 REPLAY_RETENTION = timedelta(hours=24)
-ORIGINAL_SUBJECT_HEADER = "Cedar-Original-Subject"
-ORIGINAL_SEQ_HEADER = "Cedar-Original-Seq"
-ORIGINAL_TIME_HEADER = "Cedar-Original-Time"
 
 
 def replay_stream(settings: CommonSettings) -> StreamConfig:
     """Where `--to` puts messages: kept a day, so a dry-run consumer can start afterwards."""
     return StreamConfig(
-        name=STREAM_REPLAY,
+        name=subjects.STREAM_REPLAY,
         description="Messages re-published by `cedar replay --to` for dry-run consumers.",
         subjects=[f"{subjects.REPLAY_PREFIX}.>"],
         max_age=REPLAY_RETENTION.total_seconds(),
@@ -184,11 +180,11 @@ async def republish(
     await ensure_stream(js, replay_stream(settings))
     for r in records:
         headers = {
-            ORIGINAL_SUBJECT_HEADER: r.subject,
-            ORIGINAL_SEQ_HEADER: str(r.seq),
-            ORIGINAL_TIME_HEADER: r.stored_at.isoformat(),
+            subjects.ORIGINAL_SUBJECT_HEADER: r.subject,
+            subjects.ORIGINAL_SEQ_HEADER: str(r.seq),
+            subjects.ORIGINAL_TIME_HEADER: r.stored_at.isoformat(),
         }
-        await js.publish(subject, r.raw, headers=headers, stream=STREAM_REPLAY)
+        await js.publish(subject, r.raw, headers=headers, stream=subjects.STREAM_REPLAY)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -208,7 +204,7 @@ def main(args: argparse.Namespace) -> int:
                 await republish(js, settings, target, records)
                 print(
                     f"re-published {len(records)} of {seen} messages to {target} "
-                    f"(stream {STREAM_REPLAY})",
+                    f"(stream {subjects.STREAM_REPLAY})",
                     file=sys.stderr,
                 )
                 return 0

@@ -70,8 +70,6 @@ from cedar.runtime.service import Runtime
 log = logging.getLogger("cedar.puller")
 
 _NATS_ERRORS = (*TRANSIENT_ERRORS, NatsError)
-# Set by `cedar replay --to` on each message it re-publishes.
-ORIGINAL_SUBJECT_HEADER = "Cedar-Original-Subject"
 
 
 def _present_index(images: list[LocalImage]) -> dict[str, tuple[str, str | None]]:
@@ -177,7 +175,7 @@ class Puller:
         self.dirty.set()
 
     async def _on_message(self, msg: Msg) -> None:
-        original = (msg.headers or {}).get(ORIGINAL_SUBJECT_HEADER)
+        original = (msg.headers or {}).get(subjects.ORIGINAL_SUBJECT_HEADER)
         if original is not None and not original.startswith(subjects.WORKLOADS_PREFIX + "."):
             return  # a replay carries decisions and namespace events too
         try:
