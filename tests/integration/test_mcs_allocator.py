@@ -31,6 +31,7 @@ from cedar.runtime.kube import KubeClient, KubeError, load_config, resource_path
 from cedar.runtime.settings import CommonSettings
 from cedar.sandbox.kubeapi import KubeAPI
 from cedar.sandbox.procs import free_port
+from tests.harness import waiting
 
 pytestmark = pytest.mark.integration
 
@@ -204,12 +205,7 @@ async def bridge(kubeconfig: Path, nats_url: str) -> AsyncIterator[Bridge]:
 async def wait_until(
     check: Callable[[], bool], limit: float, what: str, logs: Callable[[], str] = str
 ) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + limit
-    while not check():
-        if loop.time() > deadline:
-            pytest.fail(f"timed out waiting for {what}\n{logs()[-4000:]}")
-        await asyncio.sleep(0.1)
+    await waiting.eventually(check, limit, what, details=logs, interval=0.1)
 
 
 def annotations(api: KubeAPI) -> dict[str, str | None]:

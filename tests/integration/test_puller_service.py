@@ -50,26 +50,11 @@ from cedar.sandbox.nats import NatsServer
 from cedar.sandbox.procs import kill_pid
 from cedar.sandbox.registry import Registry
 from tests.harness.registry import ImageMaker
+from tests.harness.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
 SMALL = 256 * 1024
-
-
-async def eventually(
-    predicate: Callable[[], bool | Awaitable[bool]], within: float = 60.0, what: str = ""
-) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while True:
-        result = predicate()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if loop.time() > deadline:
-            raise AssertionError(f"not reached in {within}s: {what}")
-        await asyncio.sleep(0.1)
 
 
 def workload(

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -30,14 +29,7 @@ from cedar.runtime.http import HttpServer
 from cedar.runtime.settings import CommonSettings
 from cedar.sandbox.nats import NatsServer
 from cedar.sandbox.procs import free_port
-
-
-async def _wait_until(predicate: Callable[[], bool], within: float = 15.0) -> None:
-    deadline = asyncio.get_running_loop().time() + within
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.05)
+from tests.harness.waiting import eventually
 
 
 async def test_streams_and_buckets_are_created_idempotently(fresh_nats: NatsServer) -> None:
@@ -100,9 +92,9 @@ async def test_connect_waits_for_nats_and_survives_an_outage(fresh_nats: NatsSer
     assert health.ready
 
     await asyncio.to_thread(fresh_nats.stop)
-    await _wait_until(lambda: not health.ready)
+    await eventually(lambda: not health.ready, what="not ready")
     await asyncio.to_thread(fresh_nats.start)
-    await _wait_until(lambda: health.ready, within=30)
+    await eventually(lambda: health.ready, 30, "ready again")
     await bus.close()
 
 

@@ -26,6 +26,7 @@ from cedar.sandbox.kubeapi import KubeAPI
 from cedar.sandbox.nats import NatsServer
 from cedar.watcher import app, informer, metrics
 from cedar.watcher.settings import WatcherSettings
+from tests.harness import waiting
 
 pytestmark = pytest.mark.integration
 
@@ -90,20 +91,11 @@ async def watcher(
 
 
 async def eventually(
-    probe: Callable[[], Awaitable[T]], deadline_s: float = 15.0, what: str = "condition"
+    probe: Callable[[], Awaitable[T]], within: float = 15.0, what: str = "condition"
 ) -> T:
-    """Poll `probe` until it returns something truthy; fail after `deadline_s` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + deadline_s
-    last: T | None = None
-    while True:
-        with contextlib.suppress(Exception):
-            last = await probe()
-            if last:
-                return last
-        if loop.time() > deadline:
-            pytest.fail(f"gave up waiting for {what} (last value {last!r})")
-        await asyncio.sleep(0.05)
+    """Poll `probe`; a probe that raises (NATS not there yet) counts as not yet."""
+    result: T = await waiting.eventually(probe, within, what, ignore=(Exception,))
+    return result
 
 
 async def last_msg(js: Any, subject: str) -> Any | None:
