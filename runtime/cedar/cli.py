@@ -1,8 +1,7 @@
 """The `cedar` command.
 
 Each subcommand lives in a module with `add_arguments(parser)` and `main(args) -> int`,
-imported only when that subcommand is used, so `cedar status` does not pay for the
-Docker or Kubernetes clients.
+imported only when that subcommand is used.
 """
 
 from __future__ import annotations
@@ -10,7 +9,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from types import ModuleType
 
 from cedar.version import __version__
 
@@ -55,16 +53,9 @@ environment:
 `cedar COMMAND --help` lists each command's own options and variables."""
 
 
-def _load(module_name: str) -> ModuleType | None:
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name is not None and module_name.startswith(err.name):
-            return None  # that command's module is not written yet
-        raise
-
-
-def build_parser(load_commands: bool = True) -> argparse.ArgumentParser:
+def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
+    """Every command with its summary; only `chosen`'s module is imported and its options
+    registered, so `cedar status` does not pay for the Docker or Kubernetes clients."""
     parser = argparse.ArgumentParser(
         prog="cedar",
         description=(
@@ -77,12 +68,11 @@ def build_parser(load_commands: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cedar {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     for name, module_name, summary in COMMANDS:
-        module = _load(module_name) if load_commands else None
-        description = getattr(module, "__doc__", None) or summary
+        module = importlib.import_module(module_name) if name == chosen else None
         command = sub.add_parser(
             name,
             help=summary,
-            description=description,
+            description=getattr(module, "__doc__", None) or summary,
             formatter_class=argparse.RawDescriptionHelpFormatter,
             epilog=getattr(module, "EPILOG", None),
         )
@@ -94,39 +84,14 @@ def build_parser(load_commands: bool = True) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args_list = sys.argv[1:] if argv is None else argv
-    wants_help = any(a in ("-h", "--help") for a in args_list)
-    # Only the chosen command's module is imported, unless help for all is asked for.
     chosen = next((a for a in args_list if not a.startswith("-")), None)
-    parser = build_parser(load_commands=False)
-    if chosen is not None and any(chosen == name for name, _, _ in COMMANDS):
-        parser = _parser_with(chosen)
-    elif wants_help:
-        parser.print_help()
-        return 0
+    parser = build_parser(chosen)
     args = parser.parse_args(args_list)
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    module = _load(args._module)
-    if module is None:
-        print(f"cedar {args.command}: not implemented yet", file=sys.stderr)
-        return 2
-    result: int = module.main(args)
+    result: int = importlib.import_module(args._module).main(args)
     return result
-
-
-def _parser_with(command_name: str) -> argparse.ArgumentParser:
-    """The parser with only `command_name`'s module loaded (its options registered)."""
-    parser = build_parser(load_commands=False)
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    module_name = next(m for n, m, _ in COMMANDS if n == command_name)
-    module = _load(module_name)
-    if module is not None:
-        command = sub.choices[command_name]
-        command.description = module.__doc__ or command.description
-        command.epilog = getattr(module, "EPILOG", None)
-        module.add_arguments(command)
-    return parser
 
 
 if __name__ == "__main__":
