@@ -29,7 +29,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
+import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -69,16 +70,24 @@ def bench_choice() -> None:
 
 
 def full_entries(with_ns: bool = False) -> list[tuple[str, bytes, int]]:
-    """Every label allocated; with `with_ns`, also each namespace's `ns.<uid>` binding."""
+    """Every label allocated; with `with_ns`, also each namespace's `ns.<uid>` binding.
+
+    Names, uids (UUIDs, as Kubernetes makes them) and times differ per entry, as in a real
+    ledger, so neither the decoder nor compression gets an easy ride.
+    """
     pool = Pool(1024, 2)
-    at = datetime.now(UTC)
+    rng = random.Random(7)
+    start = datetime(2026, 1, 1, tzinfo=UTC)
     out = []
     for i in range(TOTAL):
         level = pool.unrank(i)
-        entry = LabelEntry(level, "allocated", f"tenant-{i}", f"uid-{i}", at, "bench")
+        uid = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+        name = f"tenant-{rng.getrandbits(40):010x}"
+        at = start + timedelta(seconds=i * 37, microseconds=rng.randrange(1_000_000))
+        entry = LabelEntry(level, "allocated", name, uid, at, f"cedar-mcs-allocator-{i % 2}")
         out.append((label_key(level), entry.encode(), len(out) + 1))
         if with_ns:
-            bound = NsEntry(f"uid-{i}", f"tenant-{i}", level, True, at)
+            bound = NsEntry(uid, name, level, True, at + timedelta(milliseconds=3))
             out.append((ns_key(bound.uid), bound.encode(), len(out) + 1))
     return out
 

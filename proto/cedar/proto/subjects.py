@@ -32,6 +32,11 @@ ORIGINAL_TIME_HEADER = "Cedar-Original-Time"
 KV_NODE_STATUS = "cedar-node-status"
 KV_PULLER_STATE = "cedar-puller-state"
 KV_MCS_LEDGER = "cedar-mcs-ledger"
+# Object store bucket with the allocator's ledger snapshot (one object, MCS_SNAPSHOT_OBJECT):
+# a compact image of the ledger at a stream sequence, so a replica starts without reading
+# every key. Only ever a shortcut: the ledger bucket stays the truth.
+OBJ_MCS_SNAPSHOTS = "cedar-mcs-snapshots"
+MCS_SNAPSHOT_OBJECT = "ledger"
 
 ALLOCATOR_DURABLE = "mcs-allocator"
 

@@ -14,6 +14,7 @@ import contextlib
 import gc
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -22,11 +23,12 @@ from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamInfo
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 from pydantic import ValidationError
 
 from cedar.mcs_allocator import allocator as A
+from cedar.mcs_allocator import snapshot
 from cedar.mcs_allocator.audit import Audit
 from cedar.mcs_allocator.kubeio import (
     REASON_CONFLICT,
@@ -45,12 +47,29 @@ from cedar.mcs_allocator.ledger import (
     ns_key,
 )
 from cedar.mcs_allocator.levels import Level
-from cedar.mcs_allocator.metrics import ALLOCATIONS, CONFLICTS, LABELS, TAMPER
+from cedar.mcs_allocator.metrics import (
+    ALLOCATIONS,
+    CONFLICTS,
+    LABELS,
+    LEDGER_LOAD_SECONDS,
+    SNAPSHOTS,
+    TAMPER,
+)
 from cedar.mcs_allocator.settings import AllocatorSettings
+from cedar.mcs_allocator.snapshot import SnapshotError
+from cedar.mcs_allocator.snapshot_store import SnapshotStore, SnapshotUnavailable
 from cedar.proto import subjects
 from cedar.proto.models import NamespaceEvent
 from cedar.runtime.backoff import Backoff
-from cedar.runtime.bus import TRANSIENT_ERRORS, history_stream, kv_bucket, namespaces_stream
+from cedar.runtime.bus import (
+    TRANSIENT_ERRORS,
+    history_stream,
+    kv_bucket,
+    namespaces_stream,
+    object_bucket,
+    read_to_end,
+    reply_seq,
+)
 from cedar.runtime.kube import KubeClient, KubeError, load_config
 from cedar.runtime.service import Runtime
 
@@ -60,7 +79,9 @@ MAX_ATTEMPTS = 8
 RETRY_DELAY = 1.0
 EXHAUSTED_RETRY_MAX = 5.0
 COMPONENT = "cedar-mcs-allocator"
-LOAD_STALL = 30.0
+# Replaying at least this many ledger messages after the snapshot at start-up makes a new
+# snapshot due at once.
+SNAPSHOT_TAIL = 10_000
 
 
 class ConfigurationRefused(RuntimeError):
@@ -103,6 +124,7 @@ class Allocator:
         audit: Audit,
         dry_run: bool = False,
         js: JetStreamContext | None = None,
+        snapshots: SnapshotStore | None = None,
     ) -> None:
         self.settings = settings
         self.kv = kv
@@ -128,6 +150,9 @@ class Allocator:
         self._exhaust_reported: set[str] = set()
         self._conflict_reported: set[tuple[str, Level]] = set()
         self.seq = 0  # the ledger stream's sequence the mirror has reached
+        self.snapshots = snapshots
+        self.stream_created = ""
+        self.snapshot_due = False
 
     # -- ledger mirror ---------------------------------------------------------------
 
@@ -137,102 +162,199 @@ class Allocator:
         return self.js
 
     async def load(self) -> None:
-        """Read the whole ledger and build the mirror (and the pool) in one pass."""
+        """Build the mirror (and the pool): from the snapshot and the ledger stream after
+        it, or, with no usable snapshot, from every key of the ledger."""
         if self.kv is None:
             return
-        entries = await self._read_all()
-        self.view = LedgerView.build(
+        started = time.perf_counter()
+        info = await self._js().stream_info(LEDGER_STREAM)
+        self.stream_created = _created(info)
+        keys = int(info.state.messages or 0)
+        # Half a million new objects, none in a cycle: the cyclic GC would only walk them
+        # over and over (see LedgerView.build).
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            loaded = await self._from_snapshot(int(info.state.last_seq or 0), keys)
+            if loaded is None:
+                source, tail = "ledger", 0
+                self.view = self._assemble_checked(await self._read_all(info))
+            else:
+                source, tail = "snapshot", loaded
+        finally:
+            if collecting:
+                gc.enable()
+        # The mirror lives as long as the process: keep the cyclic GC from walking its
+        # million objects in every later full collection.
+        gc.freeze()
+        took = time.perf_counter() - started
+        LEDGER_LOAD_SECONDS.set(took)
+        # Next start should not read every key again, nor a long tail.
+        self.snapshot_due = keys > 0 and (source == "ledger" or tail >= SNAPSHOT_TAIL)
+        log.info(
+            "ledger loaded from the %s in %.2fs",
+            source,
+            took,
+            extra={
+                "labels": len(self.view.labels),
+                "bindings": len(self.view.ns),
+                "seq": self.seq,
+                "replayed": tail,
+                **self.view.counts(_now()),
+            },
+        )
+
+    def _assemble_checked(self, entries: list[tuple[str, bytes, int]]) -> LedgerView:
+        view = LedgerView.build(
             self.settings.mcs_categories,
             self.settings.mcs_categories_per_label,
             self.quarantine,
             entries,
         )
-        if self.view.misfits:
-            sample = ", ".join(str(e.level) for e in self.view.misfits[:5])
+        self._refuse_misfits(view)
+        return view
+
+    def _refuse_misfits(self, view: LedgerView) -> None:
+        if view.misfits:
+            sample = ", ".join(str(e.level) for e in view.misfits[:5])
             raise ConfigurationRefused(
-                f"the ledger holds {len(self.view.misfits)} label(s) that "
+                f"the ledger holds {len(view.misfits)} label(s) that "
                 f"CEDAR_MCS_CATEGORIES={self.settings.mcs_categories} and "
                 f"CEDAR_MCS_CATEGORIES_PER_LABEL={self.settings.mcs_categories_per_label} "
                 f"cannot express (e.g. {sample}); refusing to start rather than hand out "
                 "duplicates — restore the settings the ledger was written with"
             )
-        # The mirror lives as long as the process: keep the cyclic GC from walking its
-        # million objects in every later full collection.
-        gc.freeze()
-        log.info(
-            "ledger loaded",
-            extra={"entries": len(entries), "seq": self.seq, **self.view.counts(_now())},
-        )
 
-    async def _read_all(self) -> list[tuple[str, bytes, int]]:
+    async def _from_snapshot(self, last: int, keys: int) -> int | None:
+        """The mirror from the stored snapshot plus the ledger stream after it; the number
+        of stream messages replayed, or None when there is no usable snapshot."""
+        if self.snapshots is None or not keys:
+            return None
+        try:
+            stored = await self.snapshots.stored()
+            if stored is None:
+                log.info("no ledger snapshot yet; reading every ledger key")
+                return None
+            if stored.stream_created != self.stream_created:
+                log.warning(
+                    "the ledger snapshot was taken of another ledger stream (created %s, this "
+                    "one %s); ignored",
+                    stored.stream_created,
+                    self.stream_created,
+                )
+                SNAPSHOTS.labels(result="unusable").inc()
+                return None
+            if last - stored.seq > keys:
+                # Replaying more messages than there are keys costs more than reading them.
+                log.info("the ledger snapshot is too old to help; reading every ledger key")
+                return None
+            data = await self.snapshots.read()
+            if data is None:
+                return None
+            header, labels, bindings = snapshot.decode(data)
+        except (SnapshotUnavailable, SnapshotError, NatsError) as err:
+            log.warning("cannot use the ledger snapshot (%s); reading every ledger key", err)
+            SNAPSHOTS.labels(result="unusable").inc()
+            return None
+        if header.stream_created != self.stream_created:  # replaced since `stored`
+            SNAPSHOTS.labels(result="unusable").inc()
+            return None
+        view = LedgerView.assemble(
+            self.settings.mcs_categories,
+            self.settings.mcs_categories_per_label,
+            self.quarantine,
+            labels,
+            bindings,
+        )
+        del labels, bindings, data
+        msgs = await read_to_end(
+            self._js(), LEDGER_STREAM, LEDGER_PREFIX + ">", start_seq=header.seq + 1
+        )
+        cut = len(LEDGER_PREFIX)
+        seq = header.seq
+        for msg in msgs:
+            seq = reply_seq(msg.reply)
+            view.apply(msg.subject[cut:], None if _deleted(msg) else msg.data, seq)
+        self._refuse_misfits(view)
+        self.view, self.seq = view, seq
+        SNAPSHOTS.labels(result="loaded").inc()
+        return len(msgs)
+
+    async def _read_all(self, info: StreamInfo) -> list[tuple[str, bytes, int]]:
         """Every key's last value (deleted keys left out), read from the bucket's stream.
 
-        An ordered push consumer with deliver policy "last per subject" sends each key's
-        current value once; nats-py's KV watcher costs ~4x more per entry. The stream
-        sequence reached is kept in `self.seq`, where `follow` resumes, so nothing written
-        meanwhile is missed.
+        "Last per subject" sends each key's current value once; nats-py's KV watcher costs
+        ~4x more per entry. The stream sequence reached is kept in `self.seq`, where
+        `follow` resumes, so nothing written meanwhile is missed.
         """
-        assert self.kv is not None
-        info = await self._js().stream_info(LEDGER_STREAM)
         last = int(info.state.last_seq or 0)
+        self.seq = last
         if not info.state.messages:
-            self.seq = last
             return []
-        raw: list[Msg] = []
-
-        async def take(msg: Msg) -> None:
-            raw.append(msg)
-
-        # Half a million messages held at once, none in a cycle: the cyclic GC would only
-        # walk them over and over (see LedgerView.build).
-        collecting = gc.isenabled()
-        gc.disable()
-        try:
-            return await self._read_stream(last, raw, take)
-        finally:
-            if collecting:
-                gc.enable()
-
-    async def _read_stream(
-        self,
-        last: int,
-        raw: list[Msg],
-        take: Callable[[Msg], Awaitable[None]],
-    ) -> list[tuple[str, bytes, int]]:
-        assert self.kv is not None
-        sub = await self._js().subscribe(
+        msgs = await read_to_end(
+            self._js(),
+            LEDGER_STREAM,
             LEDGER_PREFIX + ">",
-            stream=LEDGER_STREAM,
-            cb=take,
-            ordered_consumer=True,
             deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
-            pending_msgs_limit=0,
-            pending_bytes_limit=0,
         )
-        try:
-            # Done when the newest message says nothing is pending; checked by polling, as a
-            # check per message would cost more than the wait.
-            loop = asyncio.get_running_loop()
-            seen, since = 0, loop.time()
-            while not raw or _pending(raw[-1].reply):
-                await asyncio.sleep(0.02)
-                if len(raw) != seen:
-                    seen, since = len(raw), loop.time()
-                elif loop.time() - since > LOAD_STALL:
-                    raise NatsTimeoutError
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
         cut = len(LEDGER_PREFIX)
         entries: list[tuple[str, bytes, int]] = []
         seq = last
-        for msg in raw:
-            sseq = _stream_seq(msg.reply)
+        for msg in msgs:
+            sseq = reply_seq(msg.reply)
             seq = max(seq, sseq)
             if msg.data and not _deleted(msg):
                 entries.append((msg.subject[cut:], msg.data, sseq))
         self.seq = seq
         return entries
+
+    async def write_snapshot(self) -> snapshot.Header:
+        """Store an image of the mirror as it is now, at `self.seq`."""
+        assert self.snapshots is not None
+        # Copied in one step of the loop (the entries are immutable), encoded in a thread.
+        labels, bindings = snapshot.of_view(self.view)
+        data = await asyncio.to_thread(
+            snapshot.encode,
+            labels,
+            bindings,
+            seq=self.seq,
+            stream_created=self.stream_created,
+            replica=self.replica,
+            now=_now(),
+        )
+        header = snapshot.read_header(data)
+        await self.snapshots.write(data, header)
+        SNAPSHOTS.labels(result="written").inc()
+        log.info(
+            "ledger snapshot written",
+            extra={
+                "seq": header.seq,
+                "labels": header.labels,
+                "bindings": header.bindings,
+                "bytes": len(data),
+            },
+        )
+        return header
+
+    async def maybe_snapshot(self, min_age: float) -> bool:
+        """Write a snapshot unless the stored one is current, or younger than `min_age`
+        seconds (another replica keeps it fresh). Failures are logged and counted."""
+        if self.snapshots is None or self.dry_run or not self.stream_created:
+            return False
+        try:
+            stored = await self.snapshots.stored()
+            if stored is not None and stored.stream_created == self.stream_created:
+                if stored.seq >= self.seq:
+                    return False
+                age = (_now() - stored.written_at).total_seconds() if stored.written_at else None
+                if age is not None and age < min_age:
+                    return False
+            await self.write_snapshot()
+            return True
+        except (SnapshotError, *TRANSIENT_ERRORS, NatsError) as err:
+            log.warning("cannot write a ledger snapshot (%s); the next try is scheduled", err)
+            SNAPSHOTS.labels(result="failed").inc()
+            return False
 
     async def follow(self, stop: asyncio.Event, reconnects: Callable[[], int]) -> None:
         """Keep the mirror current from the sequence the load reached; start a new
@@ -243,7 +365,7 @@ class Allocator:
         backoff = Backoff(base=0.2, cap=5.0)
 
         async def apply(msg: Msg) -> None:
-            sseq = _stream_seq(msg.reply)
+            sseq = reply_seq(msg.reply)
             value = None if _deleted(msg) else msg.data
             self.view.apply(msg.subject[cut:], value, sseq)
             self.seq = max(self.seq, sseq)
@@ -668,15 +790,9 @@ class Allocator:
         return report
 
 
-def _stream_seq(reply: str) -> int:
-    """The stream sequence in a JetStream reply subject (v1: 9 tokens, v2: 12)."""
-    tokens = reply.split(".")
-    return int(tokens[5] if len(tokens) == 9 else tokens[7])
-
-
-def _pending(reply: str) -> int:
-    tokens = reply.split(".")
-    return int(tokens[8] if len(tokens) == 9 else tokens[10])
+def _created(info: StreamInfo) -> str:
+    """The stream's identity across deletion and re-creation (sequences start over)."""
+    return info.created.isoformat() if info.created else ""
 
 
 def _deleted(msg: Msg) -> bool:
@@ -828,9 +944,36 @@ async def main(rt: Runtime[AllocatorSettings]) -> None:
     client = None if dry_run else KubeClient(load_config(settings.kubeconfig))
     kube = NamespaceIO(client, COMPONENT, settings.pod_name) if client is not None else None
     audit = Audit(rt.bus, settings.pod_name, dry_run=dry_run)
-    alloc = Allocator(settings, kv=kv, kube=kube, audit=audit, dry_run=dry_run, js=rt.bus.js)
+    snapshots = None
+    if settings.mcs_snapshot_interval.total_seconds() > 0:
+        store = await rt.bus.ensure_object_store(
+            object_bucket(
+                settings,
+                subjects.OBJ_MCS_SNAPSHOTS,
+                "Snapshots of the MCS ledger, for fast start-up; the ledger bucket is the truth.",
+            )
+        )
+        snapshots = SnapshotStore(store, rt.bus.js)
+    alloc = Allocator(
+        settings,
+        kv=kv,
+        kube=kube,
+        audit=audit,
+        dry_run=dry_run,
+        js=rt.bus.js,
+        snapshots=snapshots,
+    )
     try:
-        await alloc.load()
+        backoff = Backoff(base=0.5, cap=10.0)
+        while True:
+            try:
+                await alloc.load()
+                break
+            except (*TRANSIENT_ERRORS, NatsError) as err:
+                log.warning("cannot load the ledger (%s); retrying", err)
+                await _sleep_or_stop(rt.stop, backoff.next_delay())
+                if rt.stop.is_set():
+                    return
         rt.health.set("ledger", True)
         alloc.update_metrics()
 
@@ -843,6 +986,8 @@ async def main(rt: Runtime[AllocatorSettings]) -> None:
                 _periodic(rt.stop, 2.0, _async(alloc.update_metrics), 0.0), name="metrics"
             ),
         ]
+        if snapshots is not None and not dry_run:
+            tasks.append(asyncio.create_task(_snapshots(rt, alloc), name="snapshots"))
         if settings.from_subject:
             tasks.append(asyncio.create_task(_from_subject(rt, alloc, settings.from_subject)))
         else:
@@ -868,6 +1013,16 @@ async def _first_repair(rt: Runtime[AllocatorSettings], alloc: Allocator) -> Non
     except (KubeError, *TRANSIENT_ERRORS, NatsError) as err:
         log.warning("start-up repair failed (%s); next run in %.0fs", err, interval)
     await _periodic(rt.stop, interval, alloc.repair, 0.2)
+
+
+async def _snapshots(rt: Runtime[AllocatorSettings], alloc: Allocator) -> None:
+    """Keep the stored snapshot near the ledger's end. Every replica checks on its own
+    jittered schedule and writes only if the stored one is stale and older than half an
+    interval, so replicas rarely duplicate the work."""
+    interval = rt.settings.mcs_snapshot_interval.total_seconds()
+    if alloc.snapshot_due:
+        await alloc.maybe_snapshot(0.0)
+    await _periodic(rt.stop, interval, lambda: alloc.maybe_snapshot(interval / 2), 0.2)
 
 
 def _async(fn: Callable[[], None]) -> Callable[[], Awaitable[None]]:

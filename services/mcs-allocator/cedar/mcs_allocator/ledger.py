@@ -312,17 +312,11 @@ class LedgerView:
         entries: Iterable[tuple[str, bytes, int]],
     ) -> LedgerView:
         """Start-up decodes every key of the ledger (half a million labels when full), so the
-        common case is inlined here: a two-category key in range, a canonical value. Anything
-        else takes the general `decode` path.
+        common case is inlined here: a two-category key, a canonical value. Anything else
+        takes the general `decode` path.
         """
-        pool = Pool(categories, per_label)
-        view = cls(pool, quarantine_seconds)
-        taken: list[int] = []
-        quarantined: list[tuple[int, float]] = []
-        labels, ns = view.labels, view.ns
-        by_uid, more, by_name = view._by_uid, view._more, view._by_name
-        t1, t2 = pool._tables[1], pool._tables[2]
-        fast2 = per_label == 2
+        labels: list[LabelEntry] = []
+        bindings: list[NsEntry] = []
         make_label, make_ns = LabelEntry._make, NsEntry._make
         scan, fromiso = _scan, datetime.fromisoformat
         cut, nscut = len(LABEL_PREFIX), len(NS_PREFIX)
@@ -332,63 +326,95 @@ class LedgerView:
                     parts = key[cut:].split("_")
                     data = scan(value.decode(), 0)[0]
                     a = b = -1
-                    if fast2 and len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit():
+                    if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit():
                         a, b = int(parts[0]), int(parts[1])
-                    if 0 <= a < b < categories:
-                        level = Level((a, b))
-                        state = data["state"]
-                        if state not in _STATES:
-                            raise ValueError(f"unknown state {state!r}")
-                        uid = str(data.get("uid", ""))
-                        entry = make_label(
+                    if not 0 <= a < b:
+                        labels.append(LabelEntry.decode(key, value, revision))
+                        continue
+                    state = data["state"]
+                    if state not in _STATES:
+                        raise ValueError(f"unknown state {state!r}")
+                    labels.append(
+                        make_label(
                             (
-                                level,
+                                Level((a, b)),
                                 state,
                                 str(data.get("namespace", "")),
-                                uid,
+                                str(data.get("uid", "")),
                                 fromiso(str(data["at"])),
                                 str(data.get("replica", "")),
                                 revision,
                             )
                         )
-                        labels[level] = entry
-                        if state == "allocated":
-                            first = by_uid.get(uid)
-                            if first is None:
-                                by_uid[uid] = level
-                            elif first != level:
-                                more.setdefault(uid, set()).add(level)
-                            by_name[entry.namespace] = uid
-                            taken.append(t1[a] + t2[b])
-                        else:
-                            quarantined.append((t1[a] + t2[b], entry.at.timestamp()))
-                        continue
-                    entry = LabelEntry.decode(key, value, revision)
-                    labels[entry.level] = entry
-                    view._index(entry)
-                    if not pool.fits(entry.level):
-                        view.misfits.append(entry)
-                    elif entry.state == "allocated":
-                        taken.append(pool.rank(entry.level))
-                    else:
-                        quarantined.append((pool.rank(entry.level), entry.at.timestamp()))
+                    )
                 elif key.startswith(NS_PREFIX):
                     data = scan(value.decode(), 0)[0]
                     text = str(data["level"])
                     bound = _fast_level(text)
-                    uid = key[nscut:]
-                    ns[uid] = make_ns(
-                        (
-                            uid,
-                            str(data.get("namespace", "")),
-                            parse(text, 1 << 20, None) if bound is None else bound,
-                            bool(data.get("written", False)),
-                            fromiso(str(data["at"])),
-                            revision,
+                    bindings.append(
+                        make_ns(
+                            (
+                                key[nscut:],
+                                str(data.get("namespace", "")),
+                                parse(text, 1 << 20, None) if bound is None else bound,
+                                bool(data.get("written", False)),
+                                fromiso(str(data["at"])),
+                                revision,
+                            )
                         )
                     )
             except (ValueError, KeyError, TypeError, AttributeError, StopIteration) as err:
                 log.error("unreadable ledger entry %s: %s", key, err)
+        return cls.assemble(categories, per_label, quarantine_seconds, labels, bindings)
+
+    @classmethod
+    def assemble(
+        cls,
+        categories: int,
+        per_label: int,
+        quarantine_seconds: float,
+        labels: Iterable[LabelEntry],
+        bindings: Iterable[NsEntry],
+    ) -> LedgerView:
+        """The mirror from decoded entries (a full read, or a snapshot), the pool built in
+        one pass. Indexing is inlined: at start-up it runs once per label of a full ledger.
+        """
+        pool = Pool(categories, per_label)
+        view = cls(pool, quarantine_seconds)
+        taken: list[int] = []
+        quarantined: list[tuple[int, float]] = []
+        by_level, by_uid, more, by_name = view.labels, view._by_uid, view._more, view._by_name
+        tables = pool._tables
+        t1, t2 = tables[1], tables[2]
+        fast2 = per_label == 2
+        for entry in labels:
+            level = entry.level
+            if level in by_level:
+                view._unindex(by_level[level])  # a key seen twice: the later one stands
+            by_level[level] = entry
+            cats = level.categories
+            if entry.state == "allocated":
+                uid = entry.uid
+                first = by_uid.get(uid)
+                if first is None:
+                    by_uid[uid] = level
+                elif first != level:
+                    more.setdefault(uid, set()).add(level)
+                by_name[entry.namespace] = uid
+            if fast2 and len(cats) == 2 and cats[1] < categories:
+                index = t1[cats[0]] + t2[cats[1]]
+            elif pool.fits(level):
+                index = pool.rank(level)
+            else:
+                view.misfits.append(entry)
+                continue
+            if entry.state == "allocated":
+                taken.append(index)
+            else:
+                quarantined.append((index, entry.at.timestamp()))
+        ns = view.ns
+        for bound in bindings:
+            ns[bound.uid] = bound
         view.pool = Pool.build(categories, per_label, taken, quarantined, rng=pool.rng)
         return view
 

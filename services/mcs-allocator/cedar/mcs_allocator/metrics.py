@@ -19,3 +19,12 @@ CONFLICTS = Gauge(
 PATCH_FAILURES = Counter(
     "cedar_mcs_patch_failures", "Failed PATCHes of a namespace annotation (retried)."
 )
+SNAPSHOTS = Counter(
+    "cedar_mcs_snapshots",
+    "Ledger snapshots by result (written, loaded, unusable, failed).",
+    ["result"],
+)
+LEDGER_LOAD_SECONDS = Gauge(
+    "cedar_mcs_ledger_load_seconds",
+    "How long the last start-up load of the ledger mirror took (snapshot or full read).",
+)

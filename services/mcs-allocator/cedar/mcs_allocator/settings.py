@@ -30,6 +30,11 @@ class AllocatorSettings(CommonSettings):
     mcs_categories_per_label: int = Field(default=2, ge=2, le=3)
     mcs_quarantine: Duration = Field(default=timedelta(days=7))
     mcs_resync_interval: Duration = Field(default=timedelta(minutes=10))
+    mcs_snapshot_interval: Duration = Field(
+        default=timedelta(minutes=10),
+        description="How often a replica checks whether a new ledger snapshot is due; 0: never "
+        "read or write snapshots (start-up then reads every ledger key).",
+    )
     mcs_openshift_compat: bool = False
     mcs_max_in_flight: int = Field(
         default=64, ge=1, le=1024, description="Namespace events handled at once per replica."
@@ -51,6 +56,8 @@ class AllocatorSettings(CommonSettings):
     def _positive_durations(self) -> AllocatorSettings:
         if self.mcs_resync_interval.total_seconds() <= 0:
             raise ValueError("CEDAR_MCS_RESYNC_INTERVAL must be positive")
+        if self.mcs_snapshot_interval.total_seconds() < 0:
+            raise ValueError("CEDAR_MCS_SNAPSHOT_INTERVAL must not be negative")
         if self.mcs_quarantine.total_seconds() < 0:
             raise ValueError("CEDAR_MCS_QUARANTINE must not be negative")
         return self
