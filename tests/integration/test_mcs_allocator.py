@@ -520,6 +520,64 @@ async def test_refuses_settings_that_cannot_hold_the_ledger(
     assert "refusing to start" in replicas.log(1)
 
 
+async def test_restart_from_the_snapshot_and_the_changes_after_it(
+    kube_api: KubeAPI, replicas: Replicas, bridge: Bridge
+) -> None:
+    def labelled(names: list[str]) -> bool:
+        found = annotations(kube_api)
+        return all(found.get(n) for n in names)
+
+    def loaded_from(i: int) -> str:
+        for line in replicas.log(i).splitlines():
+            if "ledger loaded from the" in line:
+                return line
+        return ""
+
+    # A replica labels 30 namespaces and keeps a snapshot (checked every second).
+    first = [f"snap-{i}" for i in range(30)]
+    replicas.start(1, CEDAR_MCS_SNAPSHOT_INTERVAL="1s", CEDAR_MCS_QUARANTINE="1h")
+    kube_api.load(namespace(n) for n in first)
+    await wait_until(lambda: labelled(first), 60, "30 labelled", lambda: replicas.log(0))
+    written = 'cedar_mcs_snapshots_total{result="written"}'
+
+    def snapshot_written() -> bool:
+        return replicas.metric(0, written) >= 1 and labelled(first)
+
+    await wait_until(snapshot_written, 30, "a snapshot", lambda: replicas.log(0))
+    replicas.stop()
+
+    # The next one starts from it, then changes the ledger: 10 new, 5 deleted.
+    replicas.start(1, CEDAR_MCS_SNAPSHOT_INTERVAL="1h", CEDAR_MCS_QUARANTINE="1h")
+    await wait_until(lambda: bool(loaded_from(1)), 60, "loaded", lambda: replicas.log(1))
+    assert "from the snapshot" in loaded_from(1)
+    second = [f"after-{i}" for i in range(10)]
+    kube_api.load(namespace(n) for n in second)
+    for name in first[:5]:
+        kube_api.delete("namespaces", None, name)
+    await wait_until(lambda: labelled(second), 60, "10 more labelled", lambda: replicas.log(1))
+
+    def settled(i: int) -> bool:
+        return replicas.metric_ok(i) and (
+            replicas.metric(i, 'cedar_mcs_labels{state="allocated"}'),
+            replicas.metric(i, 'cedar_mcs_labels{state="quarantined"}'),
+        ) == (35, 5)
+
+    await wait_until(lambda: settled(1), 60, "35 allocated, 5 quarantined", lambda: replicas.log(1))
+    replicas.stop()
+
+    # A third: the old snapshot plus the stream after it gives the whole, current mirror.
+    replicas.start(1, CEDAR_MCS_SNAPSHOT_INTERVAL="1h", CEDAR_MCS_QUARANTINE="1h")
+    await wait_until(lambda: settled(2), 60, "the same mirror", lambda: replicas.log(2))
+    line = loaded_from(2)
+    assert "from the snapshot" in line
+    assert json.loads(line)["replayed"] > 0
+    third = [f"third-{i}" for i in range(5)]
+    kube_api.load(namespace(n) for n in third)
+    await wait_until(lambda: labelled(third), 60, "5 more labelled", lambda: replicas.log(2))
+    values = [v for v in annotations(kube_api).values() if v]
+    assert len(values) == len(set(values)) == 40
+
+
 async def test_openshift_compat_writes_both_annotations(
     kube_api: KubeAPI, replicas: Replicas, bridge: Bridge
 ) -> None:

@@ -35,6 +35,8 @@ from nats.js.errors import KeyWrongLastSequenceError
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
+from cedar.mcs_allocator.snapshot import Header
+from cedar.mcs_allocator.snapshot_store import SnapshotStore
 from cedar.runtime import bus
 from cedar.runtime.settings import CommonSettings
 from cedar.sandbox.nats import NatsServer
@@ -694,6 +696,20 @@ async def test_nats_permissions_follow_each_service(
     await event.ack_sync()
     ack = await allocator.js.publish("cedar.audit.claim", b'{"label": "s0:c1,c2"}')
     assert ack.stream == "CEDAR_HISTORY"
+    # Its ledger snapshot: create the object store, write, read back as the service does.
+    snapshots = await bus.ensure_object_store(
+        allocator.js, bus.object_bucket(settings, "cedar-mcs-snapshots", "test")
+    )
+    store = SnapshotStore(snapshots, allocator.js)
+    header = Header(5, "created", 1, 0, "2026-01-01T00:00:00Z", "r")
+    await store.write(b"first" * 300_000, header)
+    await store.write(b"second", header)  # replacing purges the first one's chunks
+    assert await store.read() == b"second"
+    stored = await store.stored()
+    assert stored is not None and stored.seq == 5
+    assert await watcher.denied("$O.cedar-mcs-snapshots.M.bGVkZ2Vy")
+    assert await puller.denied("$O.cedar-mcs-snapshots.C.x")
+    assert await puller.denied("$JS.API.STREAM.PURGE.OBJ_cedar-mcs-snapshots")
     assert await allocator.denied("cedar.namespaces.t1")
     assert await allocator.denied("cedar.workloads.Deployment.t1.web")
     assert await allocator.denied("$KV.cedar-node-status.n1.abc")

@@ -156,6 +156,14 @@ async def ensure_kv(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
         return await js.key_value(config.bucket)
 
 
+async def ensure_object_store(js: JetStreamContext, config: ObjectStoreConfig) -> ObjectStore:
+    assert config.bucket is not None
+    try:
+        return await js.object_store(config.bucket)
+    except BucketNotFoundError:
+        return await js.create_object_store(config.bucket, config)
+
+
 class StalledRead(NatsTimeoutError):
     """A stream read received nothing for too long before reaching the end."""
 
@@ -210,11 +218,10 @@ async def read_to_end(
     try:
         if not raw:
             info = await sub.consumer_info()
-            if (
-                not raw
-                and not info.num_pending
-                and not (info.delivered and info.delivered.stream_seq)
-            ):
+            # The consumer sequence counts deliveries (the stream sequence starts at the
+            # start sequence, delivered or not).
+            delivered = info.delivered.consumer_seq if info.delivered else 0
+            if not raw and not info.num_pending and not delivered:
                 return raw  # nothing to read
         # Done when the newest message says nothing is pending; checked by polling, as a
         # check per message would cost more than the wait.
@@ -353,14 +360,7 @@ class Bus:
     async def ensure_object_store(self, config: ObjectStoreConfig) -> ObjectStore:
         """Create the object store bucket if it is missing; retried like `ensure`."""
 
-        async def once() -> ObjectStore:
-            assert config.bucket is not None
-            try:
-                return await self.js.object_store(config.bucket)
-            except BucketNotFoundError:
-                return await self.js.create_object_store(config.bucket, config)
-
-        return await self._retrying(once)
+        return await self._retrying(lambda: ensure_object_store(self.js, config))
 
     async def _retrying(self, fn: Callable[[], Awaitable[T]]) -> T:
         backoff = Backoff(base=0.2, cap=5.0)

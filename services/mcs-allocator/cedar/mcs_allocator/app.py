@@ -153,6 +153,8 @@ class Allocator:
         self.snapshots = snapshots
         self.stream_created = ""
         self.snapshot_due = False
+        self.loaded_from = ""  # "snapshot" or "ledger", once loaded
+        self.replayed = 0  # ledger messages replayed after the snapshot
 
     # -- ledger mirror ---------------------------------------------------------------
 
@@ -189,6 +191,7 @@ class Allocator:
         gc.freeze()
         took = time.perf_counter() - started
         LEDGER_LOAD_SECONDS.set(took)
+        self.loaded_from, self.replayed = source, tail
         # Next start should not read every key again, nor a long tail.
         self.snapshot_due = keys > 0 and (source == "ledger" or tail >= SNAPSHOT_TAIL)
         log.info(

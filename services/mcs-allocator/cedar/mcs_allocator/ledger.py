@@ -387,10 +387,12 @@ class LedgerView:
         tables = pool._tables
         t1, t2 = tables[1], tables[2]
         fast2 = per_label == 2
+        repeated = False
         for entry in labels:
             level = entry.level
             if level in by_level:
                 view._unindex(by_level[level])  # a key seen twice: the later one stands
+                repeated = True
             by_level[level] = entry
             cats = level.categories
             if entry.state == "allocated":
@@ -415,6 +417,13 @@ class LedgerView:
         ns = view.ns
         for bound in bindings:
             ns[bound.uid] = bound
+        if repeated:  # never from one read of the bucket; rebuild the pool from the winners
+            view.misfits = [e for e in by_level.values() if not pool.fits(e.level)]
+            fitting = [e for e in by_level.values() if pool.fits(e.level)]
+            taken = [pool.rank(e.level) for e in fitting if e.state == "allocated"]
+            quarantined = [
+                (pool.rank(e.level), e.at.timestamp()) for e in fitting if e.state != "allocated"
+            ]
         view.pool = Pool.build(categories, per_label, taken, quarantined, rng=pool.rng)
         return view
 
