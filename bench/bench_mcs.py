@@ -3,8 +3,9 @@
 1. Choosing a free label with the pool 0%, 50% and 99% full (523,776 labels): time per
    choice. Target: < 50 µs at 99% full.
 2. Start-up rebuild of a full ledger (523,776 allocated labels): the mirror and pool built
-   from the ledger's entries (pure), and the same read from a real NATS KV bucket.
-   Target: < 5 s.
+   from the ledger's entries (pure), and `Allocator.load()` from a real NATS KV bucket in a
+   fresh process, as a replica starts: reading every key, from the ledger snapshot, and from
+   the snapshot plus 10,000 ledger changes after it. Target: < 5 s.
 3. End to end, namespace created in the (simulated) Kubernetes API -> annotation written,
    with two `cedar mcs-allocator` replicas, real NATS, and the in-test watcher bridge:
    namespaces per second for a burst, and p50/p99 latency at a steady 300/s.
@@ -101,11 +102,15 @@ def bench_rebuild(entries: list[tuple[str, bytes, int]]) -> None:
     print(f"- rebuild from {len(entries)} ledger entries (decode + mirror + pool): {took:.2f} s")
 
 
+TAIL = 10_000
+
+
 async def bench_kv_load(entries: list[tuple[str, bytes, int]]) -> None:
+    """Fill a real bucket, then time `Allocator.load()` in fresh processes (as a replica
+    starts): reading every key, from a snapshot at the ledger's end, and from a snapshot
+    with TAIL ledger changes after it."""
     import nats
 
-    from cedar.mcs_allocator.app import Allocator
-    from cedar.mcs_allocator.audit import Audit
     from cedar.proto import subjects
     from cedar.runtime.bus import kv_bucket
     from cedar.sandbox.nats import NatsServer
@@ -122,29 +127,123 @@ async def bench_kv_load(entries: list[tuple[str, bytes, int]]) -> None:
             # Acknowledged publishes (async, bounded in flight): plain publishes at this rate
             # were silently dropped now and then, and the fill waited forever.
             js = nc.jetstream()
-            acks = []
-            for key, value, _ in entries:
-                acks.append(await js.publish_async(prefix + key, value))
-                if len(acks) >= 20000:
-                    await asyncio.gather(*acks)
-                    acks.clear()
-            await asyncio.gather(*acks)
+
+            async def publish(items: list[tuple[str, bytes, int]]) -> None:
+                acks = []
+                for key, value, _ in items:
+                    acks.append(await js.publish_async(prefix + key, value))
+                    if len(acks) >= 20000:
+                        await asyncio.gather(*acks)
+                        acks.clear()
+                await asyncio.gather(*acks)
+
+            await publish(entries)
             assert (await kv.status()).values == len(entries)
             print(f"  (filling the bucket took {time.perf_counter() - start:.1f} s)")
-            alloc = Allocator(settings, kv=kv, kube=None, audit=Audit(None, "bench"), js=js)
-            start = time.perf_counter()
-            await alloc.load()
-            took = time.perf_counter() - start
-            assert alloc.view.pool.free == 0
-            assert len(alloc.view.labels) == TOTAL
-            assert alloc.seq == len(entries)
+            keys = len(entries)
+            full = _child_load(server.url, snapshots=False, write=True)
             print(
-                f"- start-up load of a full ledger from NATS KV ({len(entries)} keys; "
-                f"stream read + build): {took:.2f} s"
+                f"- start-up load, reading every key ({keys} keys): "
+                f"{full['seconds']:.2f} s (ledger read + build)"
             )
+            print(
+                f"- snapshot written after it: {full['write_seconds']:.2f} s, "
+                f"{full['bytes'] / 1e6:.1f} MB"
+            )
+            snap = _child_load(server.url, snapshots=True)
+            assert snap["loaded_from"] == "snapshot" and snap["replayed"] == 0, snap
+            print(f"- start-up load from the snapshot (nothing after it): {snap['seconds']:.2f} s")
+            # TAIL changes after the snapshot: labels released into quarantine.
+            changed = []
+            released = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+            for key, value, _ in entries[: TAIL * (2 if len(entries) > TOTAL else 1)]:
+                if key.startswith("label."):
+                    data = json.loads(value)
+                    data["state"] = "quarantined"
+                    data["at"] = released
+                    changed.append((key, json.dumps(data, separators=(",", ":")).encode(), 0))
+            await publish(changed)
+            tail = _child_load(server.url, snapshots=True)
+            assert tail["loaded_from"] == "snapshot" and tail["replayed"] == len(changed), tail
+            assert tail["quarantined"] == len(changed), tail
+            print(
+                f"- start-up load from the snapshot + {len(changed):,} ledger changes after it: "
+                f"{tail['seconds']:.2f} s"
+            )
+            every = _child_load(server.url, snapshots=False)
+            assert every["quarantined"] == len(changed), every
+            assert every["digest"] == tail["digest"], "the two loads built different mirrors"
+            print(f"  (the same ledger read key by key: {every['seconds']:.2f} s; same mirror)")
             await nc.close()
         finally:
             server.stop()
+
+
+def _child_load(url: str, *, snapshots: bool, write: bool = False) -> dict[str, Any]:
+    args = [sys.executable, __file__, "--child-load", url]
+    args += ["--child-snapshots"] if snapshots else []
+    args += ["--child-write"] if write else []
+    out = subprocess.run(args, check=True, capture_output=True, text=True).stdout
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
+async def child_load(url: str, snapshots: bool, write: bool) -> None:
+    """One replica's start-up load in this (fresh) process; prints one JSON line."""
+    import hashlib
+    import logging
+
+    import nats
+
+    from cedar.mcs_allocator.app import Allocator
+    from cedar.mcs_allocator.audit import Audit
+    from cedar.mcs_allocator.snapshot_store import SnapshotStore
+    from cedar.proto import subjects
+    from cedar.runtime.bus import ensure_object_store, kv_bucket, object_bucket
+
+    logging.disable(logging.INFO)
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    settings = AllocatorSettings(nats_url=url)
+    kv = await js.key_value(kv_bucket(settings, subjects.KV_MCS_LEDGER).bucket)
+    config = object_bucket(settings, subjects.OBJ_MCS_SNAPSHOTS, "bench")
+    store = SnapshotStore(await ensure_object_store(js, config), js)
+    alloc = Allocator(
+        settings,
+        kv=kv,
+        kube=None,
+        audit=Audit(None, "bench"),
+        js=js,
+        snapshots=store if snapshots else None,
+    )
+    start = time.perf_counter()
+    await alloc.load()
+    took = time.perf_counter() - start
+    view = alloc.view
+    counts = view.counts(datetime.now(UTC))
+    # A fingerprint of the whole mirror, to show both ways of loading agree.
+    digest = hashlib.sha256()
+    for level in sorted(view.labels):
+        digest.update(repr(view.labels[level]).encode())
+    for uid in sorted(view.ns):
+        digest.update(repr(view.ns[uid]).encode())
+    result: dict[str, Any] = {
+        "seconds": took,
+        "loaded_from": alloc.loaded_from,
+        "replayed": alloc.replayed,
+        "quarantined": counts["quarantined"],
+        "digest": digest.hexdigest(),
+    }
+    if write:
+        alloc.snapshots = store
+        start = time.perf_counter()
+        header = await alloc.write_snapshot()
+        result["write_seconds"] = time.perf_counter() - start
+        info = await store.stored()
+        result["bytes"] = info.size if info else 0
+        result["labels"] = header.labels
+    await nc.close()
+    print(json.dumps(result))
 
 
 async def bench_e2e(burst: int, rate: int, seconds: float) -> None:
@@ -487,7 +586,13 @@ def main() -> int:
         action="store_true",
         help="the full ledger also holds every namespace's ns.<uid> key (twice the entries)",
     )
+    parser.add_argument("--child-load", metavar="NATS_URL", help=argparse.SUPPRESS)
+    parser.add_argument("--child-snapshots", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child-write", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child_load:
+        asyncio.run(child_load(args.child_load, args.child_snapshots, args.child_write))
+        return 0
     print(f"machine: {machine()}")
     if not args.only_e2e:
         bench_choice()

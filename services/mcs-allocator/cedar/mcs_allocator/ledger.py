@@ -381,21 +381,22 @@ class LedgerView:
         """
         pool = Pool(categories, per_label)
         view = cls(pool, quarantine_seconds)
+        labels = list(labels)
+        view.labels = by_level = dict(zip([e.level for e in labels], labels, strict=True))
+        if len(by_level) != len(labels):  # a key seen twice (not from one read): last stands
+            labels = list(by_level.values())
+        view.ns = {b.uid: b for b in bindings}
         taken: list[int] = []
         quarantined: list[tuple[int, float]] = []
-        by_level, by_uid, more, by_name = view.labels, view._by_uid, view._more, view._by_name
+        by_uid, more, by_name = view._by_uid, view._more, view._by_name
         tables = pool._tables
         t1, t2 = tables[1], tables[2]
         fast2 = per_label == 2
-        repeated = False
         for entry in labels:
             level = entry.level
-            if level in by_level:
-                view._unindex(by_level[level])  # a key seen twice: the later one stands
-                repeated = True
-            by_level[level] = entry
             cats = level.categories
-            if entry.state == "allocated":
+            allocated = entry.state == "allocated"
+            if allocated:
                 uid = entry.uid
                 first = by_uid.get(uid)
                 if first is None:
@@ -410,20 +411,10 @@ class LedgerView:
             else:
                 view.misfits.append(entry)
                 continue
-            if entry.state == "allocated":
+            if allocated:
                 taken.append(index)
             else:
                 quarantined.append((index, entry.at.timestamp()))
-        ns = view.ns
-        for bound in bindings:
-            ns[bound.uid] = bound
-        if repeated:  # never from one read of the bucket; rebuild the pool from the winners
-            view.misfits = [e for e in by_level.values() if not pool.fits(e.level)]
-            fitting = [e for e in by_level.values() if pool.fits(e.level)]
-            taken = [pool.rank(e.level) for e in fitting if e.state == "allocated"]
-            quarantined = [
-                (pool.rank(e.level), e.at.timestamp()) for e in fitting if e.state != "allocated"
-            ]
         view.pool = Pool.build(categories, per_label, taken, quarantined, rng=pool.rng)
         return view
 
