@@ -614,6 +614,21 @@ def allocator() -> dict[str, Any]:
             [target("max by (service, version, pod) (cedar_build_info)", instant=True)],
             (12, 21, 12, 6),
         ),
+        panel(
+            "Ledger load at start-up",
+            "timeseries",
+            [target("max by (pod) (cedar_mcs_ledger_load_seconds)", "{{pod}}")],
+            (0, 27, 12, 6),
+            unit="s",
+            description="How long each replica took to load its ledger mirror when it started.",
+        ),
+        panel(
+            "Ledger snapshots",
+            "timeseries",
+            [target("sum by (result) (increase(cedar_mcs_snapshots_total[1h]))", "{{result}}")],
+            (12, 27, 12, 6),
+            description="Snapshots written, loaded at start, found unusable, or failed to write.",
+        ),
     ]
     return dashboard(
         "cedar-mcs-allocator",
