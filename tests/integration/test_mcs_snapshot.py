@@ -12,6 +12,7 @@ import pytest
 from nats.js import JetStreamContext
 from prometheus_client import REGISTRY
 
+from cedar.mcs_allocator import app
 from cedar.mcs_allocator.app import Allocator
 from cedar.mcs_allocator.audit import Audit
 from cedar.mcs_allocator.ledger import LabelEntry, Ledger, LedgerView, NsEntry, label_key, ns_key
@@ -208,3 +209,24 @@ async def test_snapshot_at_the_ledger_end_replays_nothing(js: JetStreamContext) 
     alloc = await allocator(js)
     assert alloc.loaded_from == "snapshot" and alloc.replayed == 0
     assert len(alloc.view.labels) == 4
+
+
+async def test_chunks_left_by_a_lost_race_are_purged(
+    js: JetStreamContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    led = await ledger(js)
+    await fill(led, 0, 3)
+    alloc = await allocator(js)
+    assert await alloc.maybe_snapshot(0.0)
+    # Chunks no snapshot names: what a writer that lost a race leaves behind.
+    await js.publish("$O.cedar-mcs-snapshots.C.lostrace", b"x" * 1000)
+    snapshots = await store(js)
+    assert await snapshots.orphans() == {"lostrace"}
+    monkeypatch.setattr(app, "ORPHAN_AGE", 3600.0)
+    assert not await alloc.maybe_snapshot(0.0)  # first seen: could be a write in progress
+    assert not await alloc.maybe_snapshot(0.0)  # not old enough yet
+    assert await snapshots.orphans() == {"lostrace"}
+    monkeypatch.setattr(app, "ORPHAN_AGE", 0.0)
+    assert not await alloc.maybe_snapshot(0.0)  # old enough: purged
+    assert await snapshots.orphans() == set()
+    assert await snapshots.read() is not None  # the current snapshot is untouched

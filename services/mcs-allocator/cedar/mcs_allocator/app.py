@@ -82,6 +82,8 @@ COMPONENT = "cedar-mcs-allocator"
 # Replaying at least this many ledger messages after the snapshot at start-up makes a new
 # snapshot due at once.
 SNAPSHOT_TAIL = 10_000
+# Snapshot chunks no snapshot uses are purged after this long (a lost write race's leftovers).
+ORPHAN_AGE = 300.0
 
 
 class ConfigurationRefused(RuntimeError):
@@ -153,6 +155,7 @@ class Allocator:
         self.snapshots = snapshots
         self.stream_created = ""
         self.snapshot_due = False
+        self._orphans: dict[str, float] = {}  # unused snapshot chunk sets: first seen
         self.loaded_from = ""  # "snapshot" or "ledger", once loaded
         self.replayed = 0  # ledger messages replayed after the snapshot
 
@@ -339,12 +342,26 @@ class Allocator:
         )
         return header
 
+    async def _purge_orphans(self) -> None:
+        """Purge chunks no snapshot uses once they have been unused for ORPHAN_AGE (a write
+        in progress takes seconds)."""
+        assert self.snapshots is not None
+        now = time.monotonic()
+        seen = self._orphans
+        self._orphans = {nuid: seen.get(nuid, now) for nuid in await self.snapshots.orphans()}
+        for nuid, since in sorted(self._orphans.items()):
+            if now - since >= ORPHAN_AGE:
+                await self.snapshots.purge(nuid)
+                del self._orphans[nuid]
+                log.info("purged the chunks of an abandoned snapshot", extra={"nuid": nuid})
+
     async def maybe_snapshot(self, min_age: float) -> bool:
         """Write a snapshot unless the stored one is current, or younger than `min_age`
         seconds (another replica keeps it fresh). Failures are logged and counted."""
         if self.snapshots is None or self.dry_run or not self.stream_created:
             return False
         try:
+            await self._purge_orphans()
             stored = await self.snapshots.stored()
             if stored is not None and stored.stream_created == self.stream_created:
                 if stored.seq >= self.seq:

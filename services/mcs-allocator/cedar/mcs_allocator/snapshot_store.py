@@ -107,6 +107,23 @@ class SnapshotStore:
             return data
         raise SnapshotUnavailable("the snapshot kept changing while being read")
 
+    async def orphans(self) -> set[str]:
+        """Chunk sets (by nuid) that the current snapshot does not use: another replica's
+        write in progress, or one that lost a race (two writers at once each purge only
+        the chunks they saw as current, so the loser's stay behind)."""
+        prefix = OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=self.bucket, obj="")
+        info = await self.js.stream_info(self.stream, subjects_filter=prefix + ">")
+        found = {subject[len(prefix) :] for subject in (info.state.subjects or {})}
+        try:
+            current = (await self.store.get_info(self.name)).nuid
+        except ObjectNotFoundError:
+            current = None
+        return found - {current}
+
+    async def purge(self, nuid: str) -> None:
+        subject = OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=self.bucket, obj=nuid)
+        await self.js.purge_stream(self.stream, subject=subject)
+
     async def write(self, data: bytes, header: Header) -> None:
         """Replace the stored snapshot (the old chunks are purged once the new are in)."""
         meta = ObjectMeta(
