@@ -144,7 +144,7 @@ async def bench_kv_load(entries: list[tuple[str, bytes, int]]) -> None:
             full = _child_load(server.url, snapshots=False, write=True)
             print(
                 f"- start-up load, reading every key ({keys} keys): "
-                f"{full['seconds']:.2f} s (ledger read + build)"
+                f"{full['seconds']:.2f} s (ledger read + build); {_memory(full)}"
             )
             print(
                 f"- snapshot written after it: {full['write_seconds']:.2f} s, "
@@ -152,7 +152,10 @@ async def bench_kv_load(entries: list[tuple[str, bytes, int]]) -> None:
             )
             snap = _child_load(server.url, snapshots=True)
             assert snap["loaded_from"] == "snapshot" and snap["replayed"] == 0, snap
-            print(f"- start-up load from the snapshot (nothing after it): {snap['seconds']:.2f} s")
+            print(
+                f"- start-up load from the snapshot (nothing after it): {snap['seconds']:.2f} s; "
+                f"{_memory(snap)}"
+            )
             # TAIL changes after the snapshot: labels released into quarantine.
             changed = []
             released = datetime.now(UTC).isoformat().replace("+00:00", "Z")
@@ -177,6 +180,10 @@ async def bench_kv_load(entries: list[tuple[str, bytes, int]]) -> None:
             await nc.close()
         finally:
             server.stop()
+
+
+def _memory(result: dict[str, Any]) -> str:
+    return f"RSS after {result['rss_mb']:.0f} MiB, peak {result['peak_rss_mb']:.0f} MiB"
 
 
 def _child_load(url: str, *, snapshots: bool, write: bool = False) -> dict[str, Any]:
@@ -227,7 +234,13 @@ async def child_load(url: str, snapshots: bool, write: bool) -> None:
         digest.update(repr(view.labels[level]).encode())
     for uid in sorted(view.ns):
         digest.update(repr(view.ns[uid]).encode())
+    import resource
+
+    statm = Path("/proc/self/statm").read_text()  # noqa: ASYNC240 - a tiny procfs file
+    rss = int(statm.split()[1]) * os.sysconf("SC_PAGE_SIZE")
     result: dict[str, Any] = {
+        "rss_mb": rss / 2**20,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "seconds": took,
         "loaded_from": alloc.loaded_from,
         "replayed": alloc.replayed,

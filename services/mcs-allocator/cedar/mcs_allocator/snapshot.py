@@ -78,7 +78,7 @@ def _ints(code: str, values: Iterable[int]) -> bytes:
     return arr.tobytes()
 
 
-def _read_ints(code: str, raw: bytes, count: int, what: str) -> array[int]:
+def _read_ints(code: str, raw: memoryview, count: int, what: str) -> array[int]:
     arr = array(code)
     if len(raw) != count * arr.itemsize:
         raise SnapshotError(f"{what}: {len(raw)} bytes for {count} entries")
@@ -97,8 +97,8 @@ def _strings(values: Sequence[str], what: str) -> bytes:
     return text.encode()
 
 
-def _read_strings(raw: bytes, count: int, what: str) -> list[str]:
-    values = raw.decode().split("\n") if count else []
+def _read_strings(raw: memoryview, count: int, what: str) -> list[str]:
+    values = str(raw, "utf-8").split("\n") if count else []
     if len(values) != count:
         raise SnapshotError(f"{what}: {len(values)} values for {count} entries")
     return values
@@ -118,7 +118,8 @@ def _levels(levels: Iterable[Level]) -> tuple[bytes, bytes]:
     return bytes(widths), _ints("I", flat)
 
 
-def _read_levels(widths: bytes, raw: bytes, count: int, what: str) -> list[Level]:
+def _read_levels(column: memoryview, raw: memoryview, count: int, what: str) -> list[Level]:
+    widths = bytes(column)
     if len(widths) != count:
         raise SnapshotError(f"{what} widths: {len(widths)} for {count} entries")
     flat = _read_ints("I", raw, sum(widths), f"{what} categories")
@@ -251,23 +252,24 @@ def decode(data: bytes) -> tuple[Header, list[LabelEntry], list[NsEntry]]:
         raise SnapshotError(f"corrupt body: {err}") from err
     if len(body) != sum(sizes):
         raise SnapshotError(f"body is {len(body)} bytes, the header says {sum(sizes)}")
-    parts: list[bytes] = []
+    # Views, not copies: the body is the biggest buffer of the load.
+    whole = memoryview(body)
+    parts: list[memoryview] = []
     pos = 0
     for size in sizes:
-        parts.append(body[pos : pos + size])
+        parts.append(whole[pos : pos + size])
         pos += size
-    del body
     labels = _labels(parts[: len(_LABEL_COLUMNS)], header.labels, [str(r) for r in replicas])
     return header, labels, _bindings(parts[len(_LABEL_COLUMNS) :], header.bindings, labels)
 
 
-def _times(raw: bytes, count: int, what: str) -> list[datetime]:
+def _times(raw: memoryview, count: int, what: str) -> list[datetime]:
     # Exact: a double holds a time since 1970 to well under half a microsecond.
     at = datetime.fromtimestamp
     return [at(us / 1e6, UTC) for us in _read_ints("q", raw, count, what)]
 
 
-def _labels(parts: list[bytes], n: int, replica_names: list[str]) -> list[LabelEntry]:
+def _labels(parts: list[memoryview], n: int, replica_names: list[str]) -> list[LabelEntry]:
     widths, cats, states, at, revisions, names, uids, replicas = parts
     if len(states) != n or any(s > 1 for s in states):
         raise SnapshotError("label states: wrong count or unknown state")
@@ -292,7 +294,7 @@ def _labels(parts: list[bytes], n: int, replica_names: list[str]) -> list[LabelE
     )
 
 
-def _bindings(parts: list[bytes], n: int, labels: list[LabelEntry]) -> list[NsEntry]:
+def _bindings(parts: list[memoryview], n: int, labels: list[LabelEntry]) -> list[NsEntry]:
     refs_raw, written, at, revisions, widths, cats, names, uids = parts
     if len(written) != n:
         raise SnapshotError("binding flags: wrong count")
