@@ -226,6 +226,16 @@ async def child_load(url: str, snapshots: bool, write: bool) -> None:
     start = time.perf_counter()
     await alloc.load()
     took = time.perf_counter() - start
+    # Memory right after the load, before the fingerprint below adds its own.
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec, so it would report the
+    # parent's size at fork.
+    status = Path("/proc/self/status").read_text()  # noqa: ASYNC240 - a tiny procfs file
+    kib = {
+        k: int(v.split()[0])
+        for k, v in (ln.split(":", 1) for ln in status.splitlines())
+        if k in ("VmRSS", "VmHWM")
+    }
+    rss, peak = kib["VmRSS"] / 1024, kib["VmHWM"] / 1024
     view = alloc.view
     counts = view.counts(datetime.now(UTC))
     # A fingerprint of the whole mirror, to show both ways of loading agree.
@@ -234,13 +244,9 @@ async def child_load(url: str, snapshots: bool, write: bool) -> None:
         digest.update(repr(view.labels[level]).encode())
     for uid in sorted(view.ns):
         digest.update(repr(view.ns[uid]).encode())
-    import resource
-
-    statm = Path("/proc/self/statm").read_text()  # noqa: ASYNC240 - a tiny procfs file
-    rss = int(statm.split()[1]) * os.sysconf("SC_PAGE_SIZE")
     result: dict[str, Any] = {
-        "rss_mb": rss / 2**20,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_mb": rss,
+        "peak_rss_mb": peak,
         "seconds": took,
         "loaded_from": alloc.loaded_from,
         "replayed": alloc.replayed,
