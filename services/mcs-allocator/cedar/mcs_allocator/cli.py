@@ -17,6 +17,7 @@ environment:
   CEDAR_MCS_CATEGORIES_PER_LABEL  2 (default; 523,776 labels of 1024) or 3
   CEDAR_MCS_QUARANTINE            how long a released label rests before reuse (default 7d)
   CEDAR_MCS_RESYNC_INTERVAL       full reconcile with the API every (default 10m)
+  CEDAR_MCS_SNAPSHOT_INTERVAL     check for a due ledger snapshot every; 0: none (default 10m)
   CEDAR_MCS_OPENSHIFT_COMPAT      also write openshift.io/sa.scc.mcs (default false)
   CEDAR_MCS_MAX_IN_FLIGHT         namespace events handled at once per replica (default 64)
   CEDAR_HISTORY_RETENTION         how long the audit trail is kept (default 7d)
