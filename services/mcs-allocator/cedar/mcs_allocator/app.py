@@ -1041,7 +1041,11 @@ async def _snapshots(rt: Runtime[AllocatorSettings], alloc: Allocator) -> None:
     interval, so replicas rarely duplicate the work."""
     interval = rt.settings.mcs_snapshot_interval.total_seconds()
     if alloc.snapshot_due:
-        await alloc.maybe_snapshot(0.0)
+        # Replicas started together (an upgrade) would all write at once; spread them so
+        # that the first one's snapshot is seen by the others.
+        await _sleep_or_stop(rt.stop, random.uniform(0, min(10.0, interval / 2)))
+        if not rt.stop.is_set():
+            await alloc.maybe_snapshot(min(60.0, interval / 2))
     await _periodic(rt.stop, interval, lambda: alloc.maybe_snapshot(interval / 2), 0.2)
 
 
