@@ -21,6 +21,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
+from cedar.runtime.bus import kv_deleted
 from cedar.runtime.settings import CommonSettings
 
 # A stream read ends at the last message that existed when it started; this bounds the
@@ -138,18 +139,13 @@ async def read_stream(
             await sub.unsubscribe()
 
 
-_KV_DELETES = ("DEL", "PURGE")
-
-
 async def read_bucket(js: JetStreamContext, bucket: str) -> dict[str, bytes]:
     """Every live key of a KV bucket with its value ({} when the bucket does not exist)."""
     prefix = f"$KV.{bucket}."
     values: dict[str, bytes] = {}
     async for msg in bucket_stream(js, bucket):
         key = msg.subject[len(prefix) :]
-        op = msg.headers.get("KV-Operation")
-        marker = msg.headers.get("Nats-Marker-Reason")
-        if op in _KV_DELETES or marker is not None:
+        if kv_deleted(msg.headers):
             values.pop(key, None)
         else:
             values[key] = msg.data

@@ -168,6 +168,14 @@ class StalledRead(NatsTimeoutError):
     """A stream read received nothing for too long before reaching the end."""
 
 
+def kv_deleted(headers: dict[str, str] | None) -> bool:
+    """Whether a KV stream message removes its key: a delete or purge, or a server marker
+    (a key whose TTL ran out)."""
+    if not headers:
+        return False
+    return headers.get("KV-Operation") in ("DEL", "PURGE") or "Nats-Marker-Reason" in headers
+
+
 def reply_seq(reply: str) -> int:
     """The stream sequence in a JetStream reply subject (v1: 9 tokens, v2: 12)."""
     tokens = reply.split(".")

@@ -24,7 +24,7 @@ from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamInfo
-from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
 from cedar.mcs_allocator import allocator as A
@@ -65,6 +65,7 @@ from cedar.runtime.bus import (
     TRANSIENT_ERRORS,
     history_stream,
     kv_bucket,
+    kv_deleted,
     namespaces_stream,
     object_bucket,
     read_to_end,
@@ -276,11 +277,10 @@ class Allocator:
         msgs = await read_to_end(
             self._js(), LEDGER_STREAM, LEDGER_PREFIX + ">", start_seq=header.seq + 1
         )
-        cut = len(LEDGER_PREFIX)
         seq = header.seq
         for msg in msgs:
-            seq = reply_seq(msg.reply)
-            view.apply(msg.subject[cut:], None if _deleted(msg) else msg.data, seq)
+            key, value, seq = _ledger_change(msg)
+            view.apply(key, value, seq)
         self._refuse_misfits(view)
         self.view, self.seq = view, seq
         SNAPSHOTS.labels(result="loaded").inc()
@@ -303,14 +303,13 @@ class Allocator:
             LEDGER_PREFIX + ">",
             deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
         )
-        cut = len(LEDGER_PREFIX)
         entries: list[tuple[str, bytes, int]] = []
         seq = last
         for msg in msgs:
-            sseq = reply_seq(msg.reply)
+            key, value, sseq = _ledger_change(msg)
             seq = max(seq, sseq)
-            if msg.data and not _deleted(msg):
-                entries.append((msg.subject[cut:], msg.data, sseq))
+            if value is not None:
+                entries.append((key, value, sseq))
         self.seq = seq
         return entries
 
@@ -381,13 +380,11 @@ class Allocator:
         consumer there after a reconnect (the server's ephemeral one may be gone) — the
         revisions make replays harmless."""
         assert self.kv is not None
-        cut = len(LEDGER_PREFIX)
         backoff = Backoff(base=0.2, cap=5.0)
 
         async def apply(msg: Msg) -> None:
-            sseq = reply_seq(msg.reply)
-            value = None if _deleted(msg) else msg.data
-            self.view.apply(msg.subject[cut:], value, sseq)
+            key, value, sseq = _ledger_change(msg)
+            self.view.apply(key, value, sseq)
             self.seq = max(self.seq, sseq)
 
         while not stop.is_set():
@@ -815,9 +812,10 @@ def _created(info: StreamInfo) -> str:
     return info.created.isoformat() if info.created else ""
 
 
-def _deleted(msg: Msg) -> bool:
-    headers = msg.headers
-    return headers is not None and headers.get("KV-Operation") in (KV_DEL, KV_PURGE)
+def _ledger_change(msg: Msg) -> tuple[str, bytes | None, int]:
+    """A message of the ledger's stream: its key, its value (None: deleted), its sequence."""
+    value = None if kv_deleted(msg.headers) or not msg.data else msg.data
+    return msg.subject[len(LEDGER_PREFIX) :], value, reply_seq(msg.reply)
 
 
 def _describe(action: A.Action) -> str:
