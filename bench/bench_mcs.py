@@ -265,8 +265,37 @@ async def child_load(url: str, snapshots: bool, write: bool) -> None:
     print(json.dumps(result))
 
 
+async def record_labelled(client: Any, written: dict[str, float]) -> None:
+    """Watch namespaces in the API; note when each first carries the level annotation."""
+    from cedar.runtime.kube import resource_path
+    from tests.integration.test_mcs_allocator import ANN
+
+    path = resource_path("Namespace")
+    rv = "0"
+    async for _, list_rv in client.list_pages(path):
+        rv = list_rv
+    while True:
+        async for ev in client.watch(path, rv, timeout_seconds=300):
+            meta = ev["object"]["metadata"]
+            rv = meta["resourceVersion"]
+            name = meta.get("name")
+            if (meta.get("annotations") or {}).get(ANN) and name not in written:
+                written[name] = time.perf_counter()
+
+
+async def wait_labelled(
+    written: dict[str, float], names: list[str], limit: float, interval: float
+) -> None:
+    deadline = time.perf_counter() + limit
+    while any(n not in written for n in names):
+        if time.perf_counter() > deadline:
+            missing = sum(1 for n in names if n not in written)
+            raise RuntimeError(f"{missing} namespaces never labelled")
+        await asyncio.sleep(interval)
+
+
 async def bench_e2e(burst: int, rate: int, seconds: float) -> None:
-    from cedar.runtime.kube import KubeClient, load_config, resource_path
+    from cedar.runtime.kube import KubeClient, load_config
     from cedar.sandbox.kubeapi import KubeAPI
     from cedar.sandbox.nats import NatsServer
     from tests.integration.test_mcs_allocator import ANN, Bridge, Replicas, namespace
@@ -290,32 +319,13 @@ async def bench_e2e(burst: int, rate: int, seconds: float) -> None:
         written: dict[str, float] = {}
         client = KubeClient(load_config(str(kubeconfig)))
 
-        async def observe() -> None:
-            path = resource_path("Namespace")
-            rv = "0"
-            async for _, list_rv in client.list_pages(path):
-                rv = list_rv
-            while True:
-                async for ev in client.watch(path, rv, timeout_seconds=300):
-                    obj = ev["object"]
-                    meta = obj["metadata"]
-                    rv = meta["resourceVersion"]
-                    name = meta.get("name")
-                    if (meta.get("annotations") or {}).get(ANN) and name not in written:
-                        written[name] = time.perf_counter()
-
-        watcher = asyncio.create_task(observe())
+        watcher = asyncio.create_task(record_labelled(client, written))
         try:
             replicas.start(2)
             await asyncio.sleep(3.0)  # both replicas up and consuming
 
             async def wait_all(names: list[str], limit: float = 300) -> None:
-                deadline = time.perf_counter() + limit
-                while any(n not in written for n in names):
-                    if time.perf_counter() > deadline:
-                        missing = sum(1 for n in names if n not in written)
-                        raise RuntimeError(f"{missing} namespaces never labelled")
-                    await asyncio.sleep(0.05)
+                await wait_labelled(written, names, limit, interval=0.05)
 
             # Burst: all at once, throughput.
             names = [f"burst-{i:05d}" for i in range(burst)]
@@ -458,20 +468,7 @@ async def bench_e2e_real(burst: int, rate: int, seconds: float) -> None:
             creator = KubeClient(load_config(str(kubeconfig)))
             path = resource_path("Namespace")
 
-            async def observe() -> None:
-                assert observer_client is not None
-                rv = "0"
-                async for _, list_rv in observer_client.list_pages(path):
-                    rv = list_rv
-                while True:
-                    async for ev in observer_client.watch(path, rv, timeout_seconds=300):
-                        meta = ev["object"]["metadata"]
-                        rv = meta["resourceVersion"]
-                        name = meta.get("name")
-                        if (meta.get("annotations") or {}).get(ANN) and name not in written:
-                            written[name] = time.perf_counter()
-
-            tasks.append(asyncio.create_task(observe()))
+            tasks.append(asyncio.create_task(record_labelled(observer_client, written)))
 
             async def create(name: str) -> None:
                 assert creator is not None
@@ -480,12 +477,7 @@ async def bench_e2e_real(burst: int, rate: int, seconds: float) -> None:
                 acked[name] = time.perf_counter()
 
             async def wait_all(names: list[str], limit: float = 300) -> None:
-                deadline = time.perf_counter() + limit
-                while any(n not in written for n in names):
-                    if time.perf_counter() > deadline:
-                        missing = sum(1 for n in names if n not in written)
-                        raise RuntimeError(f"{missing} namespaces never labelled")
-                    await asyncio.sleep(0.02)
+                await wait_labelled(written, names, limit, interval=0.02)
 
             # Warm-up: one namespace through the whole chain proves every process is up.
             await create("warmup")
