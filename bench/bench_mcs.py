@@ -112,7 +112,7 @@ async def bench_kv_load(entries: list[tuple[str, bytes, int]]) -> None:
     import nats
 
     from cedar.proto import subjects
-    from cedar.runtime.bus import kv_bucket
+    from cedar.runtime.topology import kv_subject, mcs_ledger_bucket
     from cedar.sandbox.nats import NatsServer
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -121,9 +121,9 @@ async def bench_kv_load(entries: list[tuple[str, bytes, int]]) -> None:
         try:
             nc = await nats.connect(server.url)
             settings = AllocatorSettings(nats_url=server.url)
-            kv = await nc.jetstream().create_key_value(kv_bucket(settings, subjects.KV_MCS_LEDGER))
+            kv = await nc.jetstream().create_key_value(mcs_ledger_bucket(settings))
             start = time.perf_counter()
-            prefix = f"$KV.{subjects.KV_MCS_LEDGER}."
+            prefix = kv_subject(subjects.KV_MCS_LEDGER)
             # Acknowledged publishes (async, bounded in flight): plain publishes at this rate
             # were silently dropped now and then, and the fill waited forever.
             js = nc.jetstream()
@@ -205,15 +205,15 @@ async def child_load(url: str, snapshots: bool, write: bool) -> None:
     from cedar.mcs_allocator.app import Allocator
     from cedar.mcs_allocator.audit import Audit
     from cedar.mcs_allocator.snapshot_store import SnapshotStore
-    from cedar.proto import subjects
-    from cedar.runtime.bus import ensure_object_store, kv_bucket, object_bucket
+    from cedar.runtime.bus import ensure_object_store
+    from cedar.runtime.topology import mcs_ledger_bucket, mcs_snapshots_bucket
 
     logging.disable(logging.INFO)
     nc = await nats.connect(url)
     js = nc.jetstream()
     settings = AllocatorSettings(nats_url=url)
-    kv = await js.key_value(kv_bucket(settings, subjects.KV_MCS_LEDGER).bucket)
-    config = object_bucket(settings, subjects.OBJ_MCS_SNAPSHOTS, "bench")
+    kv = await js.key_value(mcs_ledger_bucket(settings).bucket)
+    config = mcs_snapshots_bucket(settings)
     store = SnapshotStore(await ensure_object_store(js, config), js)
     alloc = Allocator(
         settings,

@@ -36,8 +36,9 @@ from cedar.proto.imageref import normalize
 from cedar.proto.models import ContainerImage, PodScheduling, WorkloadImageSet
 from cedar.puller.app import Puller
 from cedar.puller.settings import PullerSettings
-from cedar.runtime.bus import Bus, workloads_stream
+from cedar.runtime.bus import Bus
 from cedar.runtime.health import Health
+from cedar.runtime.topology import workloads_stream
 from cedar.sandbox.dockerd import DockerEngine
 from cedar.sandbox.images import make_images
 from cedar.sandbox.nats import NatsServer

@@ -257,7 +257,7 @@ def cedar_sync(args: argparse.Namespace) -> None:
 async def _cedar_sync(args: argparse.Namespace, start: float) -> None:
     import gc
 
-    from cedar.runtime import bus as busmod
+    from cedar.runtime import topology
     from cedar.runtime.bus import Bus
     from cedar.runtime.health import Health
     from cedar.runtime.kube import KubeClient, load_config
@@ -274,7 +274,7 @@ async def _cedar_sync(args: argparse.Namespace, start: float) -> None:
     bus = Bus(settings, "bench-cedar", health)
     await bus.connect()
     await bus.ensure(
-        streams=[busmod.workloads_stream(settings), busmod.namespaces_stream(settings)]
+        streams=[topology.workloads_stream(settings), topology.namespaces_stream(settings)]
     )
     ledger = Ledger()
     publisher = Publisher(bus, ledger, max_inflight=settings.publish_max_inflight)
@@ -491,6 +491,7 @@ async def reset_streams(url: str) -> None:
     import nats
 
     from cedar.runtime import bus as busmod
+    from cedar.runtime import topology
     from cedar.runtime.settings import CommonSettings
 
     nc = await nats.connect(url)
@@ -499,7 +500,7 @@ async def reset_streams(url: str) -> None:
         with contextlib.suppress(Exception):
             await js.delete_stream(stream)
     settings = CommonSettings(nats_url=url)
-    for config in (busmod.workloads_stream(settings), busmod.namespaces_stream(settings)):
+    for config in (topology.workloads_stream(settings), topology.namespaces_stream(settings)):
         await busmod.ensure_stream(js, config)
     await nc.close()
 

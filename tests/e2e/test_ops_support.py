@@ -29,12 +29,15 @@ from cedar.proto.models import (
 from cedar.runtime.bus import (
     ensure_kv,
     ensure_stream,
-    history_stream,
-    kv_bucket,
-    namespaces_stream,
-    workloads_stream,
 )
 from cedar.runtime.settings import CommonSettings
+from cedar.runtime.topology import (
+    history_stream,
+    mcs_ledger_bucket,
+    namespaces_stream,
+    node_status_bucket,
+    workloads_stream,
+)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -48,8 +51,8 @@ async def jetstream(url: str) -> AsyncIterator[JetStreamContext]:
     for stream in (workloads_stream(settings), namespaces_stream(settings)):
         await ensure_stream(js, stream)
     await ensure_stream(js, history_stream(settings))
-    for bucket in (subjects.KV_NODE_STATUS, subjects.KV_MCS_LEDGER):
-        await ensure_kv(js, kv_bucket(settings, bucket))
+    for bucket in (node_status_bucket(settings), mcs_ledger_bucket(settings)):
+        await ensure_kv(js, bucket)
     try:
         yield js
     finally:

@@ -25,10 +25,11 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from cedar.mcs_allocator.levels import parse
 from cedar.proto import subjects
 from cedar.proto.models import NamespaceEvent
-from cedar.runtime.bus import TRANSIENT_ERRORS, Bus, namespaces_stream
+from cedar.runtime.bus import TRANSIENT_ERRORS, Bus
 from cedar.runtime.health import Health
 from cedar.runtime.kube import KubeClient, KubeError, load_config, resource_path
 from cedar.runtime.settings import CommonSettings
+from cedar.runtime.topology import kv_stream, kv_subject, namespaces_stream
 from cedar.sandbox.kubeapi import KubeAPI
 from cedar.sandbox.procs import free_port
 from tests.harness import waiting
@@ -227,8 +228,8 @@ async def read_ledger(url: str) -> dict[str, dict[str, Any]]:
     nc = await nats.connect(url)
     try:
         js = nc.jetstream()
-        stream = f"KV_{subjects.KV_MCS_LEDGER}"
-        prefix = f"$KV.{subjects.KV_MCS_LEDGER}."
+        stream = kv_stream(subjects.KV_MCS_LEDGER)
+        prefix = kv_subject(subjects.KV_MCS_LEDGER)
         sub = await js.pull_subscribe(
             prefix + ">",
             stream=stream,

@@ -22,7 +22,8 @@ from cedar.mcs_allocator.settings import AllocatorSettings
 from cedar.mcs_allocator.snapshot import Header
 from cedar.mcs_allocator.snapshot_store import SnapshotStore
 from cedar.proto import subjects
-from cedar.runtime.bus import ensure_kv, ensure_object_store, kv_bucket, object_bucket
+from cedar.runtime.bus import ensure_kv, ensure_object_store
+from cedar.runtime.topology import mcs_ledger_bucket, mcs_snapshots_bucket
 
 pytestmark = pytest.mark.integration
 
@@ -42,12 +43,12 @@ SETTINGS = AllocatorSettings(nats_url="nats://unused", mcs_categories=64, pod_na
 
 
 async def ledger(js: JetStreamContext) -> Ledger:
-    kv = await ensure_kv(js, kv_bucket(SETTINGS, subjects.KV_MCS_LEDGER))
+    kv = await ensure_kv(js, mcs_ledger_bucket(SETTINGS))
     return Ledger(kv)
 
 
 async def store(js: JetStreamContext) -> SnapshotStore:
-    config = object_bucket(SETTINGS, subjects.OBJ_MCS_SNAPSHOTS, "test")
+    config = mcs_snapshots_bucket(SETTINGS)
     return SnapshotStore(await ensure_object_store(js, config), js)
 
 

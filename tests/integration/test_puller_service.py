@@ -42,8 +42,9 @@ from cedar.puller import metrics
 from cedar.puller.app import Puller
 from cedar.puller.engine import DockerEngine as EngineClient
 from cedar.puller.settings import PullerSettings
-from cedar.runtime.bus import Bus, kv_bucket, workloads_stream
+from cedar.runtime.bus import Bus
 from cedar.runtime.health import Health
+from cedar.runtime.topology import node_status_bucket, workloads_stream
 from cedar.sandbox.dockerd import DockerEngine
 from cedar.sandbox.kubeapi import KubeAPI
 from cedar.sandbox.nats import NatsServer
@@ -174,7 +175,7 @@ async def world(nats_url: str, docker_engine: DockerEngine) -> AsyncIterator[Wor
     assert await bus.connect()
     await bus.ensure(
         streams=[workloads_stream(settings)],
-        buckets=[kv_bucket(settings, subjects.KV_NODE_STATUS)],
+        buckets=[node_status_bucket(settings)],
     )
     w = World(nats_url, docker_engine, bus)
     try:

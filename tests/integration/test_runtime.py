@@ -19,14 +19,16 @@ from cedar.proto import subjects
 from cedar.runtime.bus import (
     Bus,
     ensure_stream,
-    history_stream,
-    kv_bucket,
-    namespaces_stream,
-    workloads_stream,
 )
 from cedar.runtime.health import Health
 from cedar.runtime.http import HttpServer
 from cedar.runtime.settings import CommonSettings
+from cedar.runtime.topology import (
+    history_stream,
+    namespaces_stream,
+    node_status_bucket,
+    workloads_stream,
+)
 from cedar.sandbox.nats import NatsServer
 from cedar.sandbox.procs import free_port
 from tests.harness.waiting import eventually
@@ -37,7 +39,7 @@ async def test_streams_and_buckets_are_created_idempotently(fresh_nats: NatsServ
     bus = Bus(settings, "test", Health())
     assert await bus.connect()
     streams = [workloads_stream(settings), namespaces_stream(settings), history_stream(settings)]
-    buckets = [kv_bucket(settings, subjects.KV_NODE_STATUS)]
+    buckets = [node_status_bucket(settings)]
     for _ in range(2):  # a second service starting does not fail or change anything
         kvs = await bus.ensure(streams, buckets)
     await kvs[subjects.KV_NODE_STATUS].put("n1.abc", b"{}")

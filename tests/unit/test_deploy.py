@@ -12,6 +12,7 @@ install step that `make test` runs:
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import importlib
 import json
@@ -20,7 +21,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from cedar.mcs_allocator.snapshot import Header
 from cedar.mcs_allocator.snapshot_store import SnapshotStore
-from cedar.runtime import bus
+from cedar.runtime import bus, topology
 from cedar.runtime.settings import CommonSettings
 from cedar.sandbox.nats import NatsServer
 from cedar.sandbox.procs import free_port
@@ -453,15 +453,27 @@ def test_dockerfile_builds_a_non_root_read_only_image() -> None:
     assert "COPY --from=build /opt/cedar /opt/cedar" in final
     for banned in ("apt-get install", "gcc", "build-essential", "pip install"):
         assert banned not in final, f"the final stage must not contain {banned!r}"
-    # The build stage copies exactly what pyproject.toml's package-dir maps.
-    for folder in ("runtime/", "proto/", "services/"):
-        assert f"COPY {folder} {folder}" in text
-    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
-    for folder in pyproject["tool"]["setuptools"]["package-dir"].values():
-        top = folder.split("/")[0]
-        assert f"COPY {top}/ {top}/" in text, f"the image misses {folder} (package-dir)"
+    # The build stage copies every package folder setup.py maps, except the sandbox's.
     ignore = (REPO / ".dockerignore").read_text().split()
     assert ignore[ignore.index("*") + 1 :][:1], ".dockerignore starts from nothing"
+    for package, folder in _package_dirs().items():
+        top = folder.split("/")[0]
+        if package == "cedar.sandbox":
+            assert f"COPY {top}/" not in text, "the production image must not carry the sandbox"
+            assert f"!{top}/" not in ignore, ".dockerignore must leave the sandbox out"
+        else:
+            assert f"COPY {top}/ {top}/" in text, f"the image misses {folder} ({package})"
+            assert f"!{top}/" in ignore, f".dockerignore leaves out {folder} ({package})"
+
+
+def _package_dirs() -> dict[str, str]:
+    """setup.py's PACKAGE_DIRS, read without running setup()."""
+    tree = ast.parse((REPO / "setup.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "PACKAGE_DIRS":
+            value: dict[str, str] = ast.literal_eval(node.value)
+            return value
+    raise AssertionError("setup.py defines no PACKAGE_DIRS")
 
 
 # --- NATS: config syntax and the permissions, against a real server -------------------------
@@ -598,11 +610,7 @@ async def test_nats_permissions_follow_each_service(
     ]
 
     # Watcher: owns the desired-state streams and may publish into them.
-    for config in (
-        bus.workloads_stream(settings),
-        bus.namespaces_stream(settings),
-        bus.history_stream(settings),
-    ):
+    for config in (*topology.service_streams(settings),):
         await bus.ensure_stream(watcher.js, config)
     ack = await watcher.js.publish("cedar.workloads.Deployment.t1.web", b'{"images": []}')
     assert ack.stream == "CEDAR_WORKLOADS"
@@ -634,11 +642,7 @@ async def test_nats_permissions_follow_each_service(
     # Puller: creates the shared streams if missing (same configuration: no-op), reads
     # the desired state with an ordered consumer, writes its buckets and decisions, and
     # nothing the watcher or the allocator own.
-    for config in (
-        bus.workloads_stream(settings),
-        bus.namespaces_stream(settings),
-        bus.history_stream(settings),
-    ):
+    for config in (*topology.service_streams(settings),):
         await bus.ensure_stream(puller.js, config)
     sub = await puller.js.subscribe(
         "cedar.workloads.>",
@@ -650,8 +654,8 @@ async def test_nats_permissions_follow_each_service(
     msg = await sub.next_msg(timeout=5)
     assert msg.subject == "cedar.workloads.Deployment.t1.web"
     await sub.unsubscribe()
-    status = await bus.ensure_kv(puller.js, bus.kv_bucket(settings, "cedar-node-status"))
-    state = await bus.ensure_kv(puller.js, bus.kv_bucket(settings, "cedar-puller-state"))
+    status = await bus.ensure_kv(puller.js, topology.node_status_bucket(settings))
+    state = await bus.ensure_kv(puller.js, topology.puller_state_bucket(settings))
     await status.put("n1.abc", b"present")
     assert (await status.get("n1.abc")).value == b"present"
     await state.put("n1.img", b'{"id": "img", "since": 1.0}')
@@ -673,8 +677,8 @@ async def test_nats_permissions_follow_each_service(
     assert await puller.denied("$JS.API.CONSUMER.CREATE.CEDAR_NAMESPACES")
 
     # Allocator: the shared durable on namespace events, the ledger, the audit trail.
-    await bus.ensure_stream(allocator.js, bus.namespaces_stream(settings))
-    ledger = await bus.ensure_kv(allocator.js, bus.kv_bucket(settings, "cedar-mcs-ledger", 5))
+    await bus.ensure_stream(allocator.js, topology.namespaces_stream(settings))
+    ledger = await bus.ensure_kv(allocator.js, topology.mcs_ledger_bucket(settings))
     await ledger.create("s0_c1_c2", b"u1")
     with pytest.raises(KeyWrongLastSequenceError):
         await ledger.create("s0_c1_c2", b"u2")
@@ -697,9 +701,7 @@ async def test_nats_permissions_follow_each_service(
     ack = await allocator.js.publish("cedar.audit.claim", b'{"label": "s0:c1,c2"}')
     assert ack.stream == "CEDAR_HISTORY"
     # Its ledger snapshot: create the object store, write, read back as the service does.
-    snapshots = await bus.ensure_object_store(
-        allocator.js, bus.object_bucket(settings, "cedar-mcs-snapshots", "test")
-    )
+    snapshots = await bus.ensure_object_store(allocator.js, topology.mcs_snapshots_bucket(settings))
     store = SnapshotStore(snapshots, allocator.js)
     header = Header(5, "created", 1, 0, "2026-01-01T00:00:00Z", "r")
     await store.write(b"first" * 300_000, header)

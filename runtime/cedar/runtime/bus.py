@@ -10,8 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterable
-from datetime import timedelta
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import TypeVar
 
 import nats
@@ -24,19 +23,16 @@ from nats.js import JetStreamContext
 from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
-    DiscardPolicy,
     KeyValueConfig,
     ObjectStoreConfig,
-    StorageType,
     StreamConfig,
-    StreamSource,
 )
 from nats.js.errors import BadRequestError, BucketNotFoundError, ServiceUnavailableError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
-from cedar.proto import subjects
 from cedar.runtime.backoff import Backoff
+from cedar.runtime.errors import BusError, BusUnavailable, StalledRead
 from cedar.runtime.health import Health
 from cedar.runtime.metrics import NATS_CONNECTED
 from cedar.runtime.settings import CommonSettings
@@ -45,7 +41,7 @@ log = logging.getLogger("cedar.bus")
 
 T = TypeVar("T")
 
-# Errors that mean "NATS is away for now", as opposed to a request it refuses.
+# nats-py's errors that mean "NATS is away for now", as opposed to a request it refuses.
 TRANSIENT_ERRORS = (
     TimeoutError,
     NatsTimeoutError,
@@ -54,71 +50,36 @@ TRANSIENT_ERRORS = (
     ServiceUnavailableError,
 )
 
-# Two watcher replicas publish the same change within milliseconds of each other; the
-# window only has to cover that and a reconnect's republish.
-DUPLICATE_WINDOW = timedelta(minutes=2)
+__all__ = [
+    "Bus",
+    "BusError",
+    "BusUnavailable",
+    "StalledRead",
+    "bus_errors",
+    "ensure_kv",
+    "ensure_object_store",
+    "ensure_stream",
+    "kv_deleted",
+    "read_to_end",
+    "reply_pending",
+    "reply_seq",
+]
 
 
-def workloads_stream(settings: CommonSettings) -> StreamConfig:
-    return StreamConfig(
-        name=subjects.STREAM_WORKLOADS,
-        description="Desired image sets: the last message per workload (or its deletion marker).",
-        subjects=[f"{subjects.WORKLOADS_PREFIX}.>"],
-        max_msgs_per_subject=1,
-        allow_msg_ttl=True,  # deletion markers and prepull entries expire; live workloads never
-        allow_direct=True,
-        allow_rollup_hdrs=True,
-        discard=DiscardPolicy.OLD,
-        duplicate_window=DUPLICATE_WINDOW.total_seconds(),
-        storage=StorageType.FILE,
-        num_replicas=settings.nats_replicas,
-    )
-
-
-def namespaces_stream(settings: CommonSettings) -> StreamConfig:
-    return StreamConfig(
-        name=subjects.STREAM_NAMESPACES,
-        description="Namespace lifecycle: the last event per namespace.",
-        subjects=[f"{subjects.NAMESPACES_PREFIX}.>"],
-        max_msgs_per_subject=1,
-        allow_msg_ttl=True,
-        allow_direct=True,
-        discard=DiscardPolicy.OLD,
-        duplicate_window=DUPLICATE_WINDOW.total_seconds(),
-        storage=StorageType.FILE,
-        num_replicas=settings.nats_replicas,
-    )
-
-
-def history_stream(settings: CommonSettings) -> StreamConfig:
-    return StreamConfig(
-        name=subjects.STREAM_HISTORY,
-        description="Every change, audit record and puller decision, for `cedar replay`.",
-        subjects=[f"{subjects.AUDIT_PREFIX}.>", f"{subjects.DECISIONS_PREFIX}.>"],
-        sources=[
-            StreamSource(name=subjects.STREAM_WORKLOADS),
-            StreamSource(name=subjects.STREAM_NAMESPACES),
-        ],
-        max_age=settings.history_retention.total_seconds(),
-        discard=DiscardPolicy.OLD,
-        storage=StorageType.FILE,
-        num_replicas=settings.nats_replicas,
-    )
-
-
-def kv_bucket(settings: CommonSettings, bucket: str, history: int = 1) -> KeyValueConfig:
-    return KeyValueConfig(
-        bucket=bucket, history=history, storage=StorageType.FILE, replicas=settings.nats_replicas
-    )
-
-
-def object_bucket(settings: CommonSettings, bucket: str, description: str) -> ObjectStoreConfig:
-    return ObjectStoreConfig(
-        bucket=bucket,
-        description=description,
-        storage=StorageType.FILE,
-        replicas=settings.nats_replicas,
-    )
+@contextlib.contextmanager
+def bus_errors(what: str) -> Iterator[None]:
+    """Turn nats-py's errors raised inside into Cedar's: `BusUnavailable` when NATS is away
+    for now, `BusError` when it refused. `what` names the operation in the message."""
+    try:
+        yield
+    except BusError:
+        raise
+    except TRANSIENT_ERRORS as err:
+        raise BusUnavailable(
+            f"{what}: NATS is unavailable ({err.__class__.__name__}: {err})"
+        ) from err
+    except NatsError as err:
+        raise BusError(f"{what}: {err.__class__.__name__}: {err}") from err
 
 
 async def ensure_stream(js: JetStreamContext, config: StreamConfig, *, update: bool = True) -> None:
@@ -162,10 +123,6 @@ async def ensure_object_store(js: JetStreamContext, config: ObjectStoreConfig) -
         return await js.object_store(config.bucket)
     except BucketNotFoundError:
         return await js.create_object_store(config.bucket, config)
-
-
-class StalledRead(NatsTimeoutError):
-    """A stream read received nothing for too long before reaching the end."""
 
 
 def kv_deleted(headers: dict[str, str] | None) -> bool:

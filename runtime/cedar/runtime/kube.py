@@ -21,7 +21,30 @@ import aiohttp
 from kubernetes import config as kube_config
 from kubernetes.client import Configuration
 
+from cedar.runtime.errors import (
+    Conflict,
+    Forbidden,
+    Gone,
+    KubeConfigError,
+    KubeError,
+    NotFound,
+)
+
 JSON = dict[str, Any]
+
+__all__ = [
+    "JSON",
+    "Conflict",
+    "Forbidden",
+    "Gone",
+    "KubeClient",
+    "KubeConfig",
+    "KubeConfigError",
+    "KubeError",
+    "NotFound",
+    "load_config",
+    "resource_path",
+]
 
 # Where each resource Cedar touches lives in the API.
 RESOURCES: dict[str, tuple[str, str, bool]] = {
@@ -47,32 +70,6 @@ def resource_path(kind: str, namespace: str | None = None, name: str | None = No
     if name:
         path += f"/{name}"
     return path
-
-
-class KubeError(Exception):
-    """The API answered with an error Status (or not at all)."""
-
-    def __init__(self, status: int, reason: str, message: str) -> None:
-        super().__init__(f"{status} {reason}: {message}")
-        self.status = status
-        self.reason = reason
-        self.message = message
-
-
-class Gone(KubeError):
-    """410: the resourceVersion asked for is too old; relist."""
-
-
-class Forbidden(KubeError):
-    """403: the service account may not do this."""
-
-
-class NotFound(KubeError):
-    """404."""
-
-
-class Conflict(KubeError):
-    """409: already exists, or a resourceVersion precondition failed."""
 
 
 def _error_for(status: int, body: Any) -> KubeError:
@@ -111,12 +108,15 @@ def load_config(kubeconfig: str | None = None) -> KubeConfig:
     cfg = Configuration()
     path = kubeconfig or os.environ.get("KUBECONFIG") or str(Path.home() / ".kube" / "config")
     if Path(path.split(os.pathsep)[0]).exists():
-        kube_config.load_kube_config(config_file=path, client_configuration=cfg)  # type: ignore[no-untyped-call]
+        try:
+            kube_config.load_kube_config(config_file=path, client_configuration=cfg)  # type: ignore[no-untyped-call]
+        except (kube_config.ConfigException, OSError, ValueError) as err:
+            raise KubeConfigError(f"cannot use kubeconfig {path}: {err}") from err
     else:
         try:
             kube_config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
         except kube_config.ConfigException as err:
-            raise kube_config.ConfigException(
+            raise KubeConfigError(
                 f"no Kubernetes configuration: {path} does not exist and this is not a pod "
                 f"({err}); set KUBECONFIG"
             ) from err

@@ -58,7 +58,7 @@ async def serve(
     `checks` are the service's own readiness checks, registered before anything starts
     so that /readyz can never answer ready before the service has reported on them.
     """
-    from cedar.version import __version__
+    from cedar.runtime.version import __version__
 
     setup_logging(service, settings.node_name, settings.log_level)
     BUILD_INFO.info({"service": service, "version": __version__})

@@ -60,14 +60,11 @@ from cedar.mcs_allocator.snapshot import SnapshotError
 from cedar.mcs_allocator.snapshot_store import SnapshotStore, SnapshotUnavailable
 from cedar.proto import subjects
 from cedar.proto.models import NamespaceEvent
+from cedar.runtime import topology
 from cedar.runtime.backoff import Backoff
 from cedar.runtime.bus import (
     TRANSIENT_ERRORS,
-    history_stream,
-    kv_bucket,
     kv_deleted,
-    namespaces_stream,
-    object_bucket,
     read_to_end,
     reply_seq,
 )
@@ -113,8 +110,8 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-LEDGER_STREAM = f"KV_{subjects.KV_MCS_LEDGER}"
-LEDGER_PREFIX = f"$KV.{subjects.KV_MCS_LEDGER}."
+LEDGER_STREAM = topology.kv_stream(subjects.KV_MCS_LEDGER)
+LEDGER_PREFIX = topology.kv_subject(subjects.KV_MCS_LEDGER)
 
 
 class Allocator:
@@ -955,22 +952,17 @@ async def main(rt: Runtime[AllocatorSettings]) -> None:
     rt.health.require("ledger")
     # The watcher owns the streams; the allocator only makes sure they exist.
     await rt.bus.ensure(
-        streams=[namespaces_stream(settings), history_stream(settings)], update=False
+        streams=[topology.namespaces_stream(settings), topology.history_stream(settings)],
+        update=False,
     )
-    kvs = await rt.bus.ensure(buckets=[kv_bucket(settings, subjects.KV_MCS_LEDGER)])
+    kvs = await rt.bus.ensure(buckets=[topology.mcs_ledger_bucket(settings)])
     kv = kvs[subjects.KV_MCS_LEDGER]
     client = None if dry_run else KubeClient(load_config(settings.kubeconfig))
     kube = NamespaceIO(client, COMPONENT, settings.pod_name) if client is not None else None
     audit = Audit(rt.bus, settings.pod_name, dry_run=dry_run)
     snapshots = None
     if settings.mcs_snapshot_interval.total_seconds() > 0:
-        store = await rt.bus.ensure_object_store(
-            object_bucket(
-                settings,
-                subjects.OBJ_MCS_SNAPSHOTS,
-                "Snapshots of the MCS ledger, for fast start-up; the ledger bucket is the truth.",
-            )
-        )
+        store = await rt.bus.ensure_object_store(topology.mcs_snapshots_bucket(settings))
         snapshots = SnapshotStore(store, rt.bus.js)
     alloc = Allocator(
         settings,

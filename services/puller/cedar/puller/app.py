@@ -56,13 +56,10 @@ from cedar.puller.registry import RegistryProbe
 from cedar.puller.scheduling import NodeInfo
 from cedar.puller.settings import PullerSettings
 from cedar.puller.status import StatusPublisher, export_metrics
+from cedar.runtime import topology
 from cedar.runtime.bus import (
     TRANSIENT_ERRORS,
     Bus,
-    history_stream,
-    kv_bucket,
-    namespaces_stream,
-    workloads_stream,
 )
 from cedar.runtime.health import Health
 from cedar.runtime.service import Runtime
@@ -260,16 +257,14 @@ class Puller:
         # The watcher owns the streams; the puller only makes sure they exist.
         await self.bus.ensure(
             streams=[
-                workloads_stream(settings),
-                namespaces_stream(settings),
-                history_stream(settings),
+                *topology.service_streams(settings),
             ],
             update=False,
         )
         buckets = await self.bus.ensure(
             buckets=[
-                kv_bucket(settings, subjects.KV_NODE_STATUS),
-                kv_bucket(settings, subjects.KV_PULLER_STATE),
+                topology.node_status_bucket(settings),
+                topology.puller_state_bucket(settings),
             ],
         )
         self.state_kv = buckets[subjects.KV_PULLER_STATE]

@@ -11,7 +11,7 @@ import contextlib
 import gc
 import logging
 
-from cedar.runtime import bus as busmod
+from cedar.runtime import topology
 from cedar.runtime.kube import KubeClient, load_config
 from cedar.runtime.service import Runtime
 from cedar.watcher.informer import Informer, health_check_name
@@ -46,9 +46,7 @@ async def main(rt: Runtime[WatcherSettings]) -> None:
         asyncio.get_running_loop().call_later(GC_PAUSE_MAX_SECONDS, gc.enable)
     await rt.bus.ensure(
         streams=[
-            busmod.workloads_stream(settings),
-            busmod.namespaces_stream(settings),
-            busmod.history_stream(settings),
+            *topology.service_streams(settings),
         ]
     )
     ledger = Ledger()

@@ -29,10 +29,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 
 from cedar.ops import common, natsio, window
 from cedar.ops.records import Filters, Record, decode
@@ -40,6 +39,7 @@ from cedar.ops.tables import render
 from cedar.proto import subjects
 from cedar.runtime.bus import ensure_stream
 from cedar.runtime.settings import CommonSettings
+from cedar.runtime.topology import replay_stream
 
 EPILOG = """\
 record types (the TYPE column; --kind accepts them as well as Kubernetes kinds):
@@ -59,21 +59,6 @@ examples:
 
 exit status: 0 (also when nothing matched), 1 when NATS cannot be read, 2 on bad options.
 """
-
-REPLAY_RETENTION = timedelta(hours=24)
-
-
-def replay_stream(settings: CommonSettings) -> StreamConfig:
-    """Where `--to` puts messages: kept a day, so a dry-run consumer can start afterwards."""
-    return StreamConfig(
-        name=subjects.STREAM_REPLAY,
-        description="Messages re-published by `cedar replay --to` for dry-run consumers.",
-        subjects=[f"{subjects.REPLAY_PREFIX}.>"],
-        max_age=REPLAY_RETENTION.total_seconds(),
-        discard=DiscardPolicy.OLD,
-        storage=StorageType.FILE,
-        num_replicas=settings.nats_replicas,
-    )
 
 
 def replay_subject(text: str) -> str:

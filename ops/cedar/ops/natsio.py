@@ -23,6 +23,7 @@ from nats.js.errors import NotFoundError
 
 from cedar.runtime.bus import kv_deleted
 from cedar.runtime.settings import CommonSettings
+from cedar.runtime.topology import kv_stream, kv_subject
 
 # A stream read ends at the last message that existed when it started; this bounds the
 # wait when that message vanished meanwhile (TTL, max_age) and never arrives.
@@ -141,7 +142,7 @@ async def read_stream(
 
 async def read_bucket(js: JetStreamContext, bucket: str) -> dict[str, bytes]:
     """Every live key of a KV bucket with its value ({} when the bucket does not exist)."""
-    prefix = f"$KV.{bucket}."
+    prefix = kv_subject(bucket)
     values: dict[str, bytes] = {}
     async for msg in bucket_stream(js, bucket):
         key = msg.subject[len(prefix) :]
@@ -154,4 +155,6 @@ async def read_bucket(js: JetStreamContext, bucket: str) -> dict[str, bytes]:
 
 def bucket_stream(js: JetStreamContext, bucket: str) -> AsyncIterator[StreamMsg]:
     """The latest message of each key of a KV bucket (its stream is KV_<bucket>)."""
-    return read_stream(js, f"KV_{bucket}", subject=f"$KV.{bucket}.>", last_per_subject=True)
+    return read_stream(
+        js, kv_stream(bucket), subject=kv_subject(bucket, ">"), last_per_subject=True
+    )

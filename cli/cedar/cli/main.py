@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from cedar.version import __version__
+from cedar.runtime.version import __version__
 
 # (command, module, one-line summary)
 COMMANDS: tuple[tuple[str, str, str], ...] = (
@@ -92,7 +92,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     result: int = importlib.import_module(args._module).main(args)
     return result
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -141,7 +141,7 @@ def state_dir(explicit: str | None, environ: dict[str, str]) -> Path:
 
 
 def default_examples() -> Path:
-    # runtime/cedar/ops/up.py -> the repository root (an editable install, as `make` does).
+    # ops/cedar/ops/up.py -> the repository root (an editable install, as `make` does).
     return Path(__file__).resolve().parents[3] / "examples"
 
 

@@ -52,9 +52,10 @@ from cedar.ops.tables import render
 from cedar.proto import subjects
 from cedar.proto.models import NodeImageStatus, PodScheduling, PullerDecision, WorkloadImageSet
 from cedar.puller.scheduling import NodeInfo, admits, node_from_object
-from cedar.runtime.bus import ensure_stream, history_stream, namespaces_stream, workloads_stream
+from cedar.runtime.bus import ensure_stream
 from cedar.runtime.durations import parse_duration
 from cedar.runtime.settings import CommonSettings
+from cedar.runtime.topology import service_streams
 
 EPILOG = f"""\
 Kubernetes version of the schemas: {manifests.KUBERNETES_VERSION} (--kubernetes-version).
@@ -278,8 +279,8 @@ async def _ensure_streams(js: JetStreamContext, settings: CommonSettings) -> Non
 
     Existing streams are left as they are: their configuration is the services' business.
     """
-    for config in (workloads_stream, namespaces_stream, history_stream):
-        await ensure_stream(js, config(settings), update=False)
+    for config in service_streams(settings):
+        await ensure_stream(js, config, update=False)
 
 
 async def _publish(js: JetStreamContext, targets: Iterable[WorkloadImageSet], ttl: float) -> None:
