@@ -10,14 +10,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from cedar.ops.natsio import OpsError
+from cedar.ops.errors import OpsError
 from cedar.runtime.settings import CommonSettings
-
-NATS_ENV = """\
-  CEDAR_NATS_URL       NATS server(s), comma separated (default nats://127.0.0.1:4222)
-  CEDAR_NATS_USER      NATS user, if the server wants one
-  CEDAR_NATS_PASSWORD  its password"""
-
 
 def add_nats_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(

@@ -21,6 +21,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
+from cedar.ops.errors import OpsError
 from cedar.runtime.bus import kv_deleted
 from cedar.runtime.settings import CommonSettings
 from cedar.runtime.topology import kv_stream, kv_subject
@@ -30,14 +31,6 @@ from cedar.runtime.topology import kv_stream, kv_subject
 IDLE_TIMEOUT = 5.0
 # Ephemeral consumers of a finished read are removed by the server after this long.
 INACTIVE_THRESHOLD = 5.0
-
-
-class OpsError(Exception):
-    """A failure to explain to the operator in one line (exit code 1, or 2 for usage)."""
-
-    def __init__(self, message: str, code: int = 1) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 async def connect(settings: CommonSettings, name: str, wait: float = 5.0) -> NatsClient:

@@ -1,8 +1,10 @@
-"""The NATS connection every service uses, and the streams and KV buckets Cedar owns.
+"""The NATS connection every service uses; creating streams and buckets; reading streams.
 
 The connection is retried forever with backoff, at start and after any outage, so a
-service never dies because NATS is briefly away. Streams and buckets are created or
-updated idempotently by whichever service starts first.
+service never dies because NATS is briefly away. Streams and buckets (configured in
+`cedar.runtime.topology`) are created or updated idempotently by whichever service starts
+first. nats-py's errors stop here: `bus_errors()` turns them into `BusError` and
+`BusUnavailable` (`cedar.runtime.errors`). I/O: NATS.
 """
 
 from __future__ import annotations

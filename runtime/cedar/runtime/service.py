@@ -39,7 +39,6 @@ class Runtime(Generic[S]):
     health: Health
     bus: Bus
     stop: asyncio.Event = field(default_factory=asyncio.Event)
-    http: HttpServer | None = None
 
 
 MainFn = Callable[[Runtime[S]], Coroutine[Any, Any, None]]
@@ -80,7 +79,6 @@ async def serve(
             err,
         )
         return 1
-    runtime.http = http
     log.info("%s starting", service, extra={"metrics_port": http.port, "version": __version__})
 
     exit_code = 0
