@@ -263,8 +263,9 @@ async def _cedar_sync(args: argparse.Namespace, start: float) -> None:
     from cedar.runtime.kube import KubeClient, load_config
     from cedar.watcher import app
     from cedar.watcher.informer import Informer
+    from cedar.watcher.outbox import Outbox
     from cedar.watcher.publisher import Publisher
-    from cedar.watcher.state import Ledger, WatchState
+    from cedar.watcher.watch_state import WatchState
 
     settings = _settings(args)
     gc.set_threshold(*app.GC_THRESHOLDS)  # as `cedar watcher` does
@@ -276,10 +277,10 @@ async def _cedar_sync(args: argparse.Namespace, start: float) -> None:
     await bus.ensure(
         streams=[topology.workloads_stream(settings), topology.namespaces_stream(settings)]
     )
-    ledger = Ledger()
-    publisher = Publisher(bus, ledger, max_inflight=settings.publish_max_inflight)
+    outbox = Outbox()
+    publisher = Publisher(bus, outbox, max_inflight=settings.publish_max_inflight)
     await publisher.seed(settings.kinds, None)
-    state = WatchState(ledger, previous_revisions=1)
+    state = WatchState(outbox, previous_revisions=1)
     client = KubeClient(load_config(settings.kubeconfig), timeout=120)
     pub = asyncio.create_task(publisher.run())
     informers = [

@@ -3,8 +3,8 @@
 Validation uses the `kubernetes-validate` schemas in strict mode (unknown fields are errors)
 for one pinned Kubernetes version, the one the deploy tests use, so that a manifest
 `cedar prepull` accepts is one `make test` would accept. Images and scheduling come from the
-watcher's own extraction, so that a prepull wants exactly what the watcher will publish
-once the release is applied.
+contracts layer's extraction (`cedar.proto.workloads`), the one the watcher uses, so that a
+prepull wants exactly what the watcher will publish once the release is applied.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import yaml
 from cedar.ops.records import PREPULLED_KINDS, prepull_name
 from cedar.proto import subjects
 from cedar.proto.models import OwnerRef, WorkloadImageSet
-from cedar.watcher.extract import BadObject, extract_workload
+from cedar.proto.workloads import BadObject, extract_workload
 
 # The Kubernetes version Cedar targets: tests/unit/test_deploy.py validates deploy/ against
 # it (K8S_VERSIONS' newest), so prepull and `make test` accept the same manifests.

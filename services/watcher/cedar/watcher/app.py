@@ -1,4 +1,6 @@
 """The watcher service: one informer per enabled kind, one publisher, shared state.
+I/O: wires the Kubernetes client (cedar.runtime.kube) and the bus's NATS connection to the
+informers and the publisher, and tunes the process's garbage collector.
 
 Readiness (`/readyz`): NATS connected and the first full list of every enabled kind done
 (a kind the service account may not list counts as done once reported).
@@ -15,9 +17,10 @@ from cedar.runtime import topology
 from cedar.runtime.kube import KubeClient, load_config
 from cedar.runtime.service import Runtime
 from cedar.watcher.informer import Informer, health_check_name
+from cedar.watcher.outbox import Outbox
 from cedar.watcher.publisher import Publisher
 from cedar.watcher.settings import WatcherSettings
-from cedar.watcher.state import Ledger, WatchState
+from cedar.watcher.watch_state import WatchState
 
 log = logging.getLogger("cedar.watcher")
 
@@ -44,15 +47,11 @@ async def main(rt: Runtime[WatcherSettings]) -> None:
         # if one never is).
         gc.disable()
         asyncio.get_running_loop().call_later(GC_PAUSE_MAX_SECONDS, gc.enable)
-    await rt.bus.ensure(
-        streams=[
-            *topology.service_streams(settings),
-        ]
-    )
-    ledger = Ledger()
+    await rt.bus.ensure(streams=topology.service_streams(settings))
+    outbox = Outbox()
     publisher = Publisher(
         rt.bus,
-        ledger,
+        outbox,
         max_inflight=settings.publish_max_inflight,
         ack_timeout=settings.publish_ack_timeout,
     )
@@ -67,7 +66,7 @@ async def main(rt: Runtime[WatcherSettings]) -> None:
         },
     )
     state = WatchState(
-        ledger,
+        outbox,
         previous_revisions=settings.watch_previous_revisions,
         marker_ttl=settings.history_retention.total_seconds(),
         max_body=settings.max_message_bytes,
@@ -78,7 +77,7 @@ async def main(rt: Runtime[WatcherSettings]) -> None:
     def synced(kind: str) -> None:
         pending_kinds.discard(kind)
         if not pending_kinds and TUNE_GC:
-            # The known objects and the ledger now live as long as the process.
+            # The known objects and the outbox now live as long as the process.
             gc.collect()
             gc.freeze()
             gc.enable()
@@ -112,7 +111,7 @@ async def main(rt: Runtime[WatcherSettings]) -> None:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         if rt.bus.connected and not await publisher.flush(FLUSH_GRACE_SECONDS):
-            log.warning("stopping with %d changes unpublished", len(ledger))
+            log.warning("stopping with %d changes unpublished", len(outbox))
         tasks[0].cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await tasks[0]

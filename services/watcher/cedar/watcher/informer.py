@@ -1,4 +1,6 @@
-"""List then watch one kind, forever.
+"""List then watch one kind, forever. I/O: the Kubernetes API through cedar.runtime.kube.
+
+What it reads goes into the `WatchState`; the publisher is woken through `notify`.
 
 A paginated list gives a consistent snapshot and its resourceVersion; the watch continues
 from there, with bookmarks keeping the resourceVersion fresh. A watch that ends normally is
@@ -20,7 +22,8 @@ from cedar.runtime.backoff import Backoff
 from cedar.runtime.health import Health
 from cedar.runtime.kube import Forbidden, Gone, KubeClient, KubeError, NotFound, resource_path
 from cedar.watcher import metrics
-from cedar.watcher.state import NAMESPACE, Report, WatchState
+from cedar.watcher.messages import NAMESPACE
+from cedar.watcher.watch_state import Report, WatchState
 
 log = logging.getLogger("cedar.watcher.informer")
 
@@ -139,7 +142,7 @@ class Informer:
             rv = list_rv
             self.notify()
             await asyncio.sleep(0)  # let the publisher send what this page produced
-        self._report(self.state.end_list(self.kind))
+        self.state.end_list(self.kind)
         await self._refetch()
         self.notify()
         self._workloads.set(self.state.count(self.kind))
@@ -164,7 +167,7 @@ class Informer:
     async def watch(self) -> None:
         assert self.resource_version is not None
         apply = self.state.apply
-        ledger = self.state.ledger
+        outbox = self.state.outbox
         async for event in self.client.watch(
             self.path,
             self.resource_version,
@@ -186,7 +189,7 @@ class Informer:
             if type_ not in ("ADDED", "MODIFIED", "DELETED"):
                 continue
             self._events[type_].inc()
-            queued = ledger.queued
+            queued = outbox.queued
             reports = apply(self.kind, type_, obj)
             if reports:
                 self._report(reports)
@@ -196,7 +199,7 @@ class Informer:
                 self._workloads.set(self.state.count(self.kind))
             if self.state.refetch and self.kind == "ReplicaSet":
                 await self._refetch()
-            if ledger.queued != queued:
+            if outbox.queued != queued:
                 self.notify()
 
     async def _refetch(self) -> None:

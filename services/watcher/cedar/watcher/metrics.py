@@ -1,4 +1,7 @@
-"""The watcher's metrics. Names are public interface (dashboards, alerts): see DESIGN.md."""
+"""The watcher's metrics, declared in prometheus_client's default registry; no other I/O.
+
+Names are public interface (dashboards, alerts): see docs/watcher.md.
+"""
 
 from __future__ import annotations
 

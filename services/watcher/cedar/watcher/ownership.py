@@ -1,12 +1,13 @@
-"""Which objects are workloads of their own, and which Deployment revisions stay warm.
+"""Pure: which objects are workloads of their own, and which Deployment revisions stay warm.
+No I/O; imports only cedar.proto.
 
-Pure functions. A ReplicaSet controlled by a Deployment is one of its revisions: the
-current one (highest `deployment.kubernetes.io/revision`) and the newest N older ones are
-kept so that a rollback starts from warm caches; older revisions are dropped. A Job
-controlled by a CronJob belongs to the CronJob, whose job template already carries its
-images, so it is not published on its own (a CronJob firing every minute would otherwise
-publish a workload and a deletion marker every minute). Standalone ReplicaSets and Jobs,
-and those controlled by anything else, are workloads of their own.
+A ReplicaSet controlled by a Deployment is one of its revisions: the current one (highest
+`deployment.kubernetes.io/revision`) and the newest N older ones are kept so that a
+rollback starts from warm caches; older revisions are dropped. A Job controlled by a
+CronJob belongs to the CronJob, whose job template already carries its images, so it is
+not published on its own (a CronJob firing every minute would otherwise publish a workload
+and a deletion marker every minute). Standalone ReplicaSets and Jobs, and those controlled
+by anything else, are workloads of their own.
 """
 
 from __future__ import annotations

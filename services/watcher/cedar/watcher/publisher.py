@@ -1,4 +1,6 @@
-"""Publishing the ledger's pending changes to JetStream, and reading back what is stored.
+"""Publishing the outbox's pending changes to JetStream, and reading back what is stored.
+I/O: the CEDAR_WORKLOADS and CEDAR_NAMESPACES streams through the bus's NATS connection;
+nats-py's errors are turned into `BusError` here (`bus_errors`) and go no further.
 
 Publishes are pipelined (`publish_async`, up to `max_inflight` awaiting their ack) because
 a round trip per message would cap the watcher at a few thousand messages per second.
@@ -8,7 +10,7 @@ server. A publish whose ack never came is "uncertain": before it is retried, the
 last stored message is read back, so a change stored just before an outage is not stored
 a second time even after the duplicate window has passed.
 
-While NATS is away nothing is sent; the ledger keeps coalescing changes per subject, and
+While NATS is away nothing is sent; the outbox keeps coalescing changes per subject, and
 everything pending goes out once the connection is back.
 """
 
@@ -26,25 +28,23 @@ from typing import Any
 
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
-from nats.errors import Error as NatsError
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RawStreamMsg
+from nats.js.errors import NotFoundError
 
 from cedar.proto import subjects
 from cedar.runtime.backoff import Backoff
-from cedar.runtime.bus import TRANSIENT_ERRORS, Bus
+from cedar.runtime.bus import Bus, bus_errors
+from cedar.runtime.errors import BusError, BusUnavailable
 from cedar.watcher import metrics
-from cedar.watcher.state import (
+from cedar.watcher.messages import (
     DELETED_DIGEST,
     HEADER_DIGEST,
     HEADER_MSG_ID,
     HEADER_UID,
     NAMESPACE,
-    Ledger,
     Outgoing,
-    Record,
 )
+from cedar.watcher.outbox import Outbox, StoredRecord
 
 log = logging.getLogger("cedar.watcher.publisher")
 
@@ -87,13 +87,14 @@ class AckPipe:
 
     `js.publish_async` would do the same, but draws random bytes for every message (a
     system call each, a visible cost at thousands of messages per second) and has no
-    ack deadline of its own.
+    ack deadline of its own. A future fails with `BusError` when JetStream refused the
+    message (surely not stored), with `BusUnavailable` when the reply says nothing of it
+    (no stream answered, or the reply is unreadable).
     """
 
     def __init__(self) -> None:
         self._nc: NatsClient | None = None
         self._prefix = ""
-        self._sub: Subscription | None = None
         self._seq = 0
         self._futures: dict[str, asyncio.Future[bool]] = {}
 
@@ -102,8 +103,9 @@ class AckPipe:
     ) -> tuple[str, asyncio.Future[bool]]:
         """Send; the future resolves to `duplicate` once JetStream acknowledges."""
         if self._nc is not nc:
-            self._prefix = nc.new_inbox() + "."
-            self._sub = await nc.subscribe(self._prefix + "*", cb=self._on_reply)
+            with bus_errors("subscribe to publish acks"):
+                self._prefix = nc.new_inbox() + "."
+                await nc.subscribe(self._prefix + "*", cb=self._on_reply)
             self._nc = nc
             self._futures.clear()
         self._seq += 1
@@ -111,7 +113,8 @@ class AckPipe:
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._futures[token] = future
         try:
-            await nc.publish(subject, body, reply=self._prefix + token, headers=headers)
+            with bus_errors(f"publish to {subject}"):
+                await nc.publish(subject, body, reply=self._prefix + token, headers=headers)
         except BaseException:
             self._futures.pop(token, None)
             raise
@@ -125,30 +128,38 @@ class AckPipe:
         if future is None or future.done():
             return
         if not msg.data:  # a status message: no stream took it (503 no responders)
-            future.set_exception(NoStreamResponseError())
+            future.set_exception(BusUnavailable("publish: no stream took the message"))
             return
         try:
             resp: dict[str, Any] = json.loads(msg.data)
         except ValueError as err:
-            future.set_exception(err)
+            future.set_exception(BusUnavailable(f"publish: unreadable ack ({err})"))
             return
         if "error" in resp:
-            future.set_exception(APIError.from_error(resp["error"]))
+            error: dict[str, Any] = resp["error"]  # code, err_code, description
+            future.set_exception(
+                BusError(
+                    f"publish: JetStream refused it ({error.get('code')} "
+                    f"{error.get('err_code')}: {error.get('description')})"
+                )
+            )
         else:
             future.set_result(bool(resp.get("duplicate")))
 
 
 class Publisher:
+    """Takes the outbox's pending changes, publishes them, and reports each result back."""
+
     def __init__(
         self,
         bus: Bus,
-        ledger: Ledger,
+        outbox: Outbox,
         *,
         max_inflight: int = 4000,
         ack_timeout: float = 5.0,
     ) -> None:
         self.bus = bus
-        self.ledger = ledger
+        self.outbox = outbox
         self.max_inflight = max_inflight
         self.ack_timeout = ack_timeout
         self._wake = asyncio.Event()
@@ -162,7 +173,7 @@ class Publisher:
         self._duplicates: list[Outgoing] = []
 
     def notify(self) -> None:
-        """New changes were offered to the ledger."""
+        """New changes were offered to the outbox."""
         self._wake.set()
 
     # ------------------------------------------------------------ seeding
@@ -176,9 +187,10 @@ class Publisher:
             try:
                 count = 0
                 for kind, stream, flt in seed_filters(kinds, namespace):
-                    count += await self._seed_one(kind, stream, flt)
+                    with bus_errors(f"read the stored state of {flt}"):
+                        count += await self._seed_one(kind, stream, flt)
                 return count
-            except (*TRANSIENT_ERRORS, NatsError) as err:
+            except BusError as err:
                 delay = backoff.next_delay()
                 log.warning("cannot read the stored state yet (%r); retrying in %.1fs", err, delay)
                 await asyncio.sleep(delay)
@@ -206,9 +218,9 @@ class Publisher:
                 for msg in msgs:
                     headers = msg.headers or {}
                     digest = headers.get(HEADER_DIGEST, "")
-                    self.ledger.seed(
+                    self.outbox.seed(
                         msg.subject,
-                        Record(
+                        StoredRecord(
                             kind=kind,
                             uid=headers.get(HEADER_UID, ""),
                             digest=digest,
@@ -240,10 +252,10 @@ class Publisher:
                 continue
             if self._duplicates:
                 await self._check_duplicates()
-            room = self.max_inflight - len(self.ledger.inflight)
-            batch = self.ledger.take(room) if room > 0 else []
+            room = self.max_inflight - len(self.outbox.inflight)
+            batch = self.outbox.take(room) if room > 0 else []
             if not batch:
-                if not self.ledger:
+                if not self.outbox:
                     self._idle.set()
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
@@ -260,13 +272,13 @@ class Publisher:
     async def _send(self, batch: list[Outgoing], loop: asyncio.AbstractEventLoop) -> None:
         nc = self.bus.nc
         for index, out in enumerate(batch):
-            if out.subject in self.ledger.uncertain:
+            if out.subject in self.outbox.uncertain:
                 try:
                     if await self._already_stored(out):
-                        self.ledger.ack(out)
+                        self.outbox.ack(out)
                         _DUPLICATE.inc()
                         continue
-                except (*TRANSIENT_ERRORS, NatsError):
+                except BusError:
                     self._give_back(batch[index:])
                     return
             headers = out.headers
@@ -274,7 +286,7 @@ class Publisher:
                 headers[HEADER_TTL] = str(int(out.ttl))
             try:
                 token, future = await self._acks.publish(nc, out.subject, out.body, headers)
-            except (*TRANSIENT_ERRORS, NatsError, OSError) as err:
+            except (BusError, OSError) as err:
                 log.debug("publish failed: %r", err)
                 self._give_back(batch[index:])
                 return
@@ -284,15 +296,22 @@ class Publisher:
     def _give_back(self, outs: list[Outgoing]) -> None:
         self._failures += 1
         for out in reversed(outs):
-            self.ledger.fail(out, uncertain=True)
+            self.outbox.fail(out, uncertain=True)
             _ERROR.inc()
 
+    async def _last_stored(self, subject: str) -> RawStreamMsg | None:
+        """The subject's last stored message; None if it has none."""
+        with bus_errors(f"read the last message of {subject}"):
+            try:
+                return await self.bus.js.get_last_msg(stream_of(subject), subject)
+            except NotFoundError:
+                return None
+
     async def _already_stored(self, out: Outgoing) -> bool:
-        try:
-            msg = await self.bus.js.get_last_msg(stream_of(out.subject), out.subject)
-        except NotFoundError:
-            return False
-        return bool(msg.headers and msg.headers.get(HEADER_MSG_ID) == out.msg_id)
+        msg = await self._last_stored(out.subject)
+        return bool(
+            msg is not None and msg.headers and msg.headers.get(HEADER_MSG_ID) == out.msg_id
+        )
 
     def _done(self, out: Outgoing, future: asyncio.Future[bool]) -> None:
         entry = self._deadlines.get(out.subject)
@@ -300,12 +319,13 @@ class Publisher:
             del self._deadlines[out.subject]
             self._acks.forget(entry[1])
         if future.cancelled():
-            self.ledger.fail(out, uncertain=True)  # timed out: maybe stored, maybe not
+            self.outbox.fail(out, uncertain=True)  # timed out: maybe stored, maybe not
             self._failures += 1
             _ERROR.inc()
         elif (err := future.exception()) is not None:
-            uncertain = not isinstance(err, APIError)
-            self.ledger.fail(out, uncertain=uncertain)
+            # Refused by JetStream: surely not stored. Anything else: maybe stored.
+            uncertain = not isinstance(err, BusError) or isinstance(err, BusUnavailable)
+            self.outbox.fail(out, uncertain=uncertain)
             self._failures += 1
             _ERROR.inc()
             if self._failures in (1, 10, 100) or self._failures % 1000 == 0:
@@ -320,7 +340,7 @@ class Publisher:
                 self._duplicates.append(out)  # stays in flight until checked
                 self._wake.set()
                 return
-            self.ledger.ack(out)
+            self.outbox.ack(out)
             _STORED.inc()
             if out.seen:
                 metrics.EVENT_TO_STORED.observe(max(time.time() - out.seen, 0.0))
@@ -337,20 +357,18 @@ class Publisher:
         outs, self._duplicates = self._duplicates, []
         for index, out in enumerate(outs):
             try:
-                msg = await self.bus.js.get_last_msg(stream_of(out.subject), out.subject)
-            except NotFoundError:
-                msg = None
-            except (*TRANSIENT_ERRORS, NatsError):
+                msg = await self._last_stored(out.subject)
+            except BusError:
                 self._duplicates.extend(outs[index:])
                 return
             if msg is not None and msg.headers and msg.headers.get(HEADER_MSG_ID) == out.msg_id:
-                self.ledger.ack(out)
+                self.outbox.ack(out)
                 _DUPLICATE.inc()
                 continue
             seq = "" if msg is None else str(msg.seq)
             salted = replace(out, msg_id=_salt(out.msg_id, seq))
-            self.ledger.fail(out, uncertain=False)
-            self.ledger.resubmit(out, salted)
+            self.outbox.fail(out, uncertain=False)
+            self.outbox.resubmit(out, salted)
 
     def _sweep(self, now: float) -> None:
         expired = [f for deadline, _, f in self._deadlines.values() if deadline <= now]
@@ -358,12 +376,12 @@ class Publisher:
             future.cancel()
 
     def _update_gauge(self) -> None:
-        metrics.PENDING_PUBLISHES.set(len(self.ledger))
+        metrics.PENDING_PUBLISHES.set(len(self.outbox))
 
     async def flush(self, grace: float) -> bool:
         """Wait until nothing is pending or in flight (True), or `grace` seconds pass (False)."""
         deadline = asyncio.get_running_loop().time() + grace
-        while self.ledger:
+        while self.outbox:
             self._wake.set()
             remaining = deadline - asyncio.get_running_loop().time()
             if remaining <= 0:

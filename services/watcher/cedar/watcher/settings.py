@@ -1,4 +1,7 @@
-"""The watcher's settings (`CEDAR_*` environment variables, plus the standard KUBECONFIG)."""
+"""The watcher's settings (`CEDAR_*` environment variables, plus the standard KUBECONFIG).
+
+Reads only the environment, through pydantic-settings.
+"""
 
 from __future__ import annotations
 

@@ -1,9 +1,12 @@
-"""From a Kubernetes object (plain JSON dict) to the message that describes it.
+"""Pure: from a Kubernetes object (a plain JSON dict) to its contract message, a workload's
+image set or a namespace's lifecycle event. No I/O; imports only cedar.proto.
 
-Pure functions, no I/O. Only the fields Cedar needs are read, straight from the dicts the
-API returned; nothing is converted to the official client's typed models (which costs ~20x
-more per object at list time). Anything malformed is reported as a `Problem` and skipped,
-never raised: one bad object must not stop the stream.
+The watcher reads every object it lists or watches through this module, and `cedar prepull`
+reads manifests through it, so that a prepull wants exactly what the watcher will publish.
+Only the fields Cedar needs are read, straight from the dicts the API returned; nothing is
+converted to the official client's typed models (which costs ~20x more per object at list
+time). Anything malformed is reported as a `Problem` and skipped, never raised: one bad
+object must not stop the stream.
 """
 
 from __future__ import annotations
@@ -43,8 +46,9 @@ class Problem:
     detail: str
 
 
-class BadObject(Exception):
-    """The object cannot be identified at all (no name or uid)."""
+class BadObject(ValueError):
+    """The object cannot be identified at all (no name or uid). A `ValueError`, as
+    `InvalidReference` is: the contracts layer has no Cedar exception root to inherit."""
 
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
@@ -54,6 +58,8 @@ class BadObject(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Identity:
+    """What names one object, and the versions that tell its changes apart."""
+
     namespace: str
     name: str
     uid: str
@@ -62,6 +68,7 @@ class Identity:
 
 
 def identity(obj: Any, namespaced: bool = True) -> Identity:
+    """Raises BadObject when `obj` has no name, uid (or namespace, if `namespaced`)."""
     if not isinstance(obj, dict):
         raise BadObject("not_an_object", f"expected an object, got {type(obj).__name__}")
     meta = obj.get("metadata")
