@@ -34,7 +34,7 @@ from pathlib import Path
 from cedar.proto import subjects
 from cedar.proto.imageref import normalize
 from cedar.proto.models import ContainerImage, PodScheduling, WorkloadImageSet
-from cedar.puller.app import Puller
+from cedar.puller.app import assemble
 from cedar.puller.settings import PullerSettings
 from cedar.runtime.bus import Bus
 from cedar.runtime.health import Health
@@ -128,10 +128,11 @@ async def with_puller(nats_url: str, engine: DockerEngine, refs: list[str]) -> f
     stop = asyncio.Event()
     started = time.perf_counter()
     await bus.connect()
-    puller = Puller(settings, bus, health)
+    puller = await assemble(settings, bus, health, stop)
+    assert puller is not None
     task = asyncio.create_task(puller.run(stop))
     await asyncio.wait(
-        {task, asyncio.ensure_future(puller.warm.wait())}, return_when="FIRST_COMPLETED"
+        {task, asyncio.ensure_future(puller.reconciler.warm.wait())}, return_when="FIRST_COMPLETED"
     )
     elapsed = time.perf_counter() - started
     if task.done():
@@ -139,7 +140,8 @@ async def with_puller(nats_url: str, engine: DockerEngine, refs: list[str]) -> f
     stop.set()
     await task
     await bus.close()
-    missing = [r for r in refs if puller.records[normalize(r)].state != "present"]
+    records = puller.reconciler.records
+    missing = [r for r in refs if records[normalize(r)].state != "present"]
     if missing:
         raise RuntimeError(f"puller finished without {missing}")
     return elapsed

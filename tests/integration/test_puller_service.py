@@ -39,8 +39,8 @@ from cedar.proto.models import (
     WorkloadImageSet,
 )
 from cedar.puller import metrics
-from cedar.puller.app import Puller
-from cedar.puller.engine import DockerEngine as EngineClient
+from cedar.puller.app import Puller, assemble
+from cedar.puller.engine import DockerImageEngine
 from cedar.puller.settings import PullerSettings
 from cedar.runtime.bus import Bus
 from cedar.runtime.health import Health
@@ -97,11 +97,11 @@ class Running:
     task: asyncio.Task[None]
 
     def state(self, ref: str) -> str | None:
-        record = self.puller.records.get(normalize(ref))
+        record = self.puller.reconciler.records.get(normalize(ref))
         return record.state if record else None
 
     def record(self, ref: str) -> Any:
-        return self.puller.records.get(normalize(ref))
+        return self.puller.reconciler.records.get(normalize(ref))
 
     async def halt(self) -> None:
         self.stop.set()
@@ -141,19 +141,20 @@ class World:
         health = Health()
         bus = Bus(settings, "test-puller", health)
         assert await bus.connect()
-        puller = Puller(settings, bus, health)
         stop = asyncio.Event()
+        puller = await asyncio.wait_for(assemble(settings, bus, health, stop), 30)
+        assert puller is not None
         task = asyncio.create_task(puller.run(stop))
         running = Running(puller, bus, stop, task)
         self.running.append(running)
-        await eventually(lambda: puller.synced.is_set() or task.done(), 30, "puller synced")
+        await eventually(lambda: puller.feed.synced.is_set() or task.done(), 30, "puller synced")
         if task.done():
             task.result()
         return running
 
     async def local_images(self) -> dict[str, str | None]:
         """Normalised tag reference -> digest of what the engine has now."""
-        client = EngineClient(self.engine.host)
+        client = DockerImageEngine(self.engine.host)
         try:
             found: dict[str, str | None] = {}
             for image in await client.images():
@@ -198,16 +199,16 @@ async def test_pulls_concurrently_within_the_limit(world: World, make_images: Im
     await eventually(
         lambda: all(running.state(r) == "present" for r in refs), 60, "all six present"
     )
-    assert running.puller.max_in_flight == 2
+    assert running.puller.pulls.max_in_flight == 2
     local = await world.local_images()
     assert all(normalize(r) in local for r in refs)
     # Three workloads name refs[5]: one pull, still.
-    assert running.puller.pull_attempts == 6
+    assert running.puller.pulls.attempts == 6
     # Each pull was caused by a live event: its delay since the watcher saw it is measured.
     assert event_to_pull_count() - observed_before == 6
     # Status is in KV for `cedar status`.
     kv = await world.bus.js.key_value(subjects.KV_NODE_STATUS)
-    node = running.puller.node_name
+    node = running.puller.settings.node
 
     async def status_present() -> bool:
         entry = await kv.get(subjects.node_status_key(node, normalize(refs[5])))
@@ -229,7 +230,7 @@ async def test_private_registry_with_and_without_credentials(
     await eventually(lambda: anonymous.state(refs[0]) == "failed", 30, "unauthorized")
     assert anonymous.record(refs[0]).reason == "unauthorized"
     await asyncio.sleep(3)  # a window in which a hot loop would make many attempts
-    assert anonymous.puller.pull_attempts == 1
+    assert anonymous.puller.pulls.attempts == 1
     await anonymous.halt()
 
     auth_file = tmp_path / "dockerconfig.json"
@@ -253,16 +254,16 @@ async def test_registry_outage_and_recovery(
     await world.publish(workload("outage-rest", *refs[1:]))
     probe = running.puller.probe
     await eventually(lambda: probe.known_down(fresh_registry.host), 30, "breaker open")
-    attempts_during_outage = running.puller.pull_attempts
+    attempts_during_outage = running.puller.pulls.attempts
     await asyncio.sleep(3)
     # Behind the open breaker the waiting pulls do not even start: no error storm.
-    assert running.puller.pull_attempts - attempts_during_outage <= 1
+    assert running.puller.pulls.attempts - attempts_during_outage <= 1
     assert not any(running.state(r) == "present" for r in refs[1:])
 
     await asyncio.to_thread(fresh_registry.start)
     await eventually(lambda: all(running.state(r) == "present" for r in refs), 60, "pulls resumed")
     # At most two attempts per image over the whole outage: one failed, one that worked.
-    assert running.puller.pull_attempts <= 1 + 2 * len(refs[1:])
+    assert running.puller.pulls.attempts <= 1 + 2 * len(refs[1:])
 
 
 async def test_refresh_pulls_a_repushed_tag(world: World, make_images: ImageMaker) -> None:
@@ -422,14 +423,14 @@ async def test_invalid_and_missing_references(world: World, make_images: ImageMa
     await eventually(lambda: running.state(real) == "present", 30, "valid one pulled")
     await eventually(lambda: running.state(missing) == "failed", 30, "missing failed")
     assert running.record(missing).reason == "not_found"
-    bad = running.puller.records["Not A Valid/Ref!"]
+    bad = running.puller.reconciler.records["Not A Valid/Ref!"]
     await eventually(lambda: bad.state == "failed", 10, "invalid reported")
     assert bad.reason == "invalid_reference"
-    attempts = running.puller.pull_attempts
+    attempts = running.puller.pulls.attempts
     await asyncio.sleep(3)
-    assert running.puller.pull_attempts == attempts == 2  # one each, no retry loop
+    assert running.puller.pulls.attempts == attempts == 2  # one each, no retry loop
     # Failed images count as "warm" only because they can never be pulled.
-    assert running.puller.warm.is_set()
+    assert running.puller.reconciler.warm.is_set()
 
 
 async def test_killed_mid_pull_and_restarted(
@@ -576,13 +577,13 @@ async def test_low_disk_holds_pulls_until_space_is_back(
         docker_root=str(docker_engine.base_dir), min_free_bytes=2**62, resync_interval="0.5s"
     )
     await world.publish(workload("disk", ref))
-    await eventually(lambda: running.puller.disk_low, 10, "guard tripped")
+    await eventually(lambda: running.puller.disk.low, 10, "guard tripped")
     await eventually(lambda: getattr(running.record(ref), "reason", None) == "low_disk", 10)
     assert running.state(ref) == "missing"
-    assert running.puller.pull_attempts == 0
+    assert running.puller.pulls.attempts == 0
     assert REGISTRY.get_sample_value("cedar_puller_disk_low") == 1
     assert not await world.has(ref)
 
-    running.puller.settings.min_free_bytes = 0  # space freed
+    running.puller.disk.min_free_bytes = 0  # space freed
     await eventually(lambda: running.state(ref) == "present", 30, "pulled once space is back")
     assert REGISTRY.get_sample_value("cedar_puller_disk_low") == 0

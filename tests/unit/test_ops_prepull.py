@@ -10,7 +10,7 @@ import pytest
 from cedar.ops import manifests
 from cedar.ops.prepull import Tracker
 from cedar.proto.models import NodeImageStatus, PullerDecision
-from cedar.puller.scheduling import NodeInfo
+from cedar.proto.scheduling import NodeInfo
 
 NOW = datetime(2026, 11, 23, 10, 0, tzinfo=UTC)
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"

@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from cedar.proto.models import ContainerImage, PodScheduling, WorkloadImageSet
+from cedar.proto.scheduling import NodeInfo
 from cedar.puller.desired import DesiredSet
-from cedar.puller.scheduling import NodeInfo
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 NODE = NodeInfo("n1", {"kubernetes.io/arch": "amd64", "pool": "a"})

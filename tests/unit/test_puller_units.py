@@ -109,7 +109,7 @@ def test_help_lists_variables() -> None:
 
 
 def test_present_index_matches_tags_and_digests() -> None:
-    from cedar.puller.app import _lookup, _present_index
+    from cedar.puller.plan import lookup, present_index
     from cedar.puller.prune import LocalImage
 
     digest = "sha256:" + "c" * 64
@@ -117,9 +117,9 @@ def test_present_index_matches_tags_and_digests() -> None:
         LocalImage("id1", ("nginx:latest",), (f"nginx@{digest}",)),
         LocalImage("id2", (), (f"127.0.0.1:5000/team/app@{digest}",)),
     ]
-    index = _present_index(images)
-    assert _lookup(index, "docker.io/library/nginx:latest") == ("id1", digest)
-    assert _lookup(index, f"127.0.0.1:5000/team/app@{digest}") == ("id2", digest)
-    assert _lookup(index, f"127.0.0.1:5000/team/app:1@{digest}") == ("id2", digest)
-    assert _lookup(index, "127.0.0.1:5000/team/app:1") is None
-    assert _lookup(index, "Not Valid") is None
+    index = present_index(images)
+    assert lookup(index, "docker.io/library/nginx:latest") == ("id1", digest)
+    assert lookup(index, f"127.0.0.1:5000/team/app@{digest}") == ("id2", digest)
+    assert lookup(index, f"127.0.0.1:5000/team/app:1@{digest}") == ("id2", digest)
+    assert lookup(index, "127.0.0.1:5000/team/app:1") is None
+    assert lookup(index, "Not Valid") is None

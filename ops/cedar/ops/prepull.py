@@ -47,11 +47,12 @@ from nats.js.errors import BucketNotFoundError, NotFoundError
 from pydantic import ValidationError
 
 from cedar.ops import common, manifests, natsio
+from cedar.ops.errors import OpsError
 from cedar.ops.progress import Progress
 from cedar.ops.tables import render
 from cedar.proto import subjects
 from cedar.proto.models import NodeImageStatus, PodScheduling, PullerDecision, WorkloadImageSet
-from cedar.puller.scheduling import NodeInfo, admits, node_from_object
+from cedar.proto.scheduling import NodeInfo, admits, node_from_object
 from cedar.runtime.bus import ensure_stream
 from cedar.runtime.durations import parse_duration
 from cedar.runtime.settings import CommonSettings
@@ -253,14 +254,14 @@ def _load_targets(args: argparse.Namespace, now: datetime) -> list[WorkloadImage
     try:
         docs = manifests.load(manifests.read_files(args.files, stdin_text))
     except manifests.ManifestError as err:
-        raise natsio.OpsError(str(err), code=2) from err
+        raise OpsError(str(err), code=2) from err
     if not docs:
-        raise natsio.OpsError("no manifests in " + " ".join(args.files), code=2)
+        raise OpsError("no manifests in " + " ".join(args.files), code=2)
     problems = [p for p in (manifests.validate(m, args.kubernetes_version) for m in docs) if p]
     if problems:
         for p in problems:
             print(f"invalid: {p}", file=sys.stderr)
-        raise natsio.OpsError(
+        raise OpsError(
             f"{len(problems)} of {len(docs)} manifests are invalid; nothing was published", code=2
         )
     targets = []
@@ -268,7 +269,7 @@ def _load_targets(args: argparse.Namespace, now: datetime) -> list[WorkloadImage
         try:
             wis = manifests.prepull_set(m, now, args.ttl, args.namespace)
         except manifests.ManifestError as err:
-            raise natsio.OpsError(str(err), code=2) from err
+            raise OpsError(str(err), code=2) from err
         if wis is not None:
             targets.append(wis)
     return targets
@@ -420,7 +421,7 @@ def main(args: argparse.Namespace) -> int:
                 await _ensure_streams(js, settings)
                 await _publish(js, targets, args.ttl.total_seconds())
             except NatsError as err:
-                raise natsio.OpsError(
+                raise OpsError(
                     f"cannot publish to {subjects.STREAM_WORKLOADS} ({err}); is Cedar's "
                     "watcher (or `cedar up`) running against this NATS?"
                 ) from err

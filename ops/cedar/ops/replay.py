@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 from nats.js import JetStreamContext
 
 from cedar.ops import common, natsio, window
+from cedar.ops.errors import OpsError
 from cedar.ops.records import Filters, Record, decode
 from cedar.ops.tables import render
 from cedar.proto import subjects
@@ -65,11 +66,11 @@ def replay_subject(text: str) -> str:
     """`--to` as a subject under cedar.replay. (a bare name is put under it)."""
     subject = text.strip()
     if not subject or any(c in subject for c in " \t*>") or ".." in subject:
-        raise natsio.OpsError(f"invalid --to subject {text!r}", code=2)
+        raise OpsError(f"invalid --to subject {text!r}", code=2)
     prefix = subjects.REPLAY_PREFIX + "."
     if not subject.startswith(prefix):
         if subject.startswith("cedar."):
-            raise natsio.OpsError(
+            raise OpsError(
                 f"--to {text!r}: replay subjects must be under {prefix} so that nothing "
                 "mistakes a replay for live state",
                 code=2,
@@ -121,7 +122,7 @@ def _normalize_image(text: str) -> str:
     try:
         return normalize(text)
     except InvalidReference as err:
-        raise natsio.OpsError(f"--image {text!r}: {err}", code=2) from err
+        raise OpsError(f"--image {text!r}: {err}", code=2) from err
 
 
 def filters_from(args: argparse.Namespace) -> Filters:
@@ -178,7 +179,7 @@ def main(args: argparse.Namespace) -> int:
         try:
             win = window.parse_window(args.since, args.until, datetime.now(UTC))
         except ValueError as err:
-            raise natsio.OpsError(str(err), code=2) from err
+            raise OpsError(str(err), code=2) from err
         filters = filters_from(args)
         target = replay_subject(args.to) if args.to else None
         nc = await natsio.connect(settings, "cedar-replay")

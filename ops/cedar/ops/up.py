@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -62,6 +63,7 @@ from nats.errors import Error as NatsError
 
 from cedar.ops import natsio
 from cedar.ops.desired import state_of
+from cedar.ops.errors import OpsError
 from cedar.ops.tables import render
 
 EPILOG = """\
@@ -178,7 +180,6 @@ class Snapshot:
     services: dict[str, str] = field(default_factory=dict)  # name -> ready/starting/exited ...
     images: list[tuple[str, str, str, str, str]] = field(default_factory=list)
     namespaces: list[tuple[str, str]] = field(default_factory=list)
-    ungated_images: int = 0  # desired images no reporting node is eligible for
 
     def key(self) -> str:
         return json.dumps([self.services, self.images, self.namespaces])
@@ -322,13 +323,13 @@ class Up:
         )
 
     async def start_sandbox(self) -> None:
-        from cedar.puller.scheduling import local_platform_labels
+        from cedar.proto.scheduling import local_platform_labels
         from cedar.sandbox.kubeapi import KubeAPI
         from cedar.sandbox.registry import Registry
 
         examples = Path(self.args.examples) if self.args.examples else default_examples()
         if not examples.is_dir():
-            raise natsio.OpsError(
+            raise OpsError(
                 f"no examples directory at {examples}: pass --examples DIR (a checkout's "
                 "examples/)",
                 code=2,
@@ -402,7 +403,7 @@ class Up:
         in_pod = bool(self.env.get("KUBERNETES_SERVICE_HOST"))
         first = kubeconfig.split(os.pathsep)[0]
         if not in_pod and not await asyncio.to_thread(os.path.exists, first):
-            raise natsio.OpsError(
+            raise OpsError(
                 f"no Kubernetes configuration ({kubeconfig} does not exist); set KUBECONFIG, "
                 "or run `cedar up --sandbox` for a self-contained demo",
                 code=2,
@@ -597,7 +598,7 @@ async def run(args: argparse.Namespace) -> int:
                     break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), args.interval)
-    except natsio.OpsError as err:
+    except OpsError as err:
         print(f"cedar up: {err}", file=sys.stderr)
         code = err.code
     except Exception as err:
@@ -621,6 +622,16 @@ def _still_stopping() -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    # The private servers (NATS, dockerd, registry, the simulated API) are the sandbox's,
+    # an optional extra that the production image leaves out.
+    if importlib.util.find_spec("cedar.sandbox") is None:
+        print(
+            "cedar up: this installation has no sandbox (the private NATS, Docker engine, "
+            "registry and simulated API cedar up starts): pip install 'cedar[sandbox]', "
+            "or run `make up` in a checkout",
+            file=sys.stderr,
+        )
+        return 2
     try:
         return asyncio.run(run(args))
     except KeyboardInterrupt:

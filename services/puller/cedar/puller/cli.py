@@ -121,6 +121,7 @@ def build_settings(args: argparse.Namespace) -> Any:
 
 
 def main(args: argparse.Namespace) -> int:
+    from cedar.puller.app import READINESS_CHECKS
     from cedar.puller.app import main as puller_main
     from cedar.runtime.service import run
 
@@ -130,4 +131,4 @@ def main(args: argparse.Namespace) -> int:
     except (ValidationError, ValueError) as err:
         print(f"cedar puller: invalid settings: {err}", file=sys.stderr)
         return 2
-    return run("puller", settings, puller_main, checks=("engine", "node", "desired"))
+    return run("puller", settings, puller_main, checks=READINESS_CHECKS)

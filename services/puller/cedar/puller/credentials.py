@@ -4,6 +4,7 @@ Entries are matched by registry host after `canonical_registry`, so `docker.io`,
 `index.docker.io`, `https://index.docker.io/v1/` and `registry-1.docker.io` are one key.
 The file is re-read when it changes (a rotated Kubernetes secret updates the mount).
 Credentials are only ever handed to the Docker engine: never logged, never exported.
+I/O: reads only that file (CEDAR_REGISTRY_AUTH_FILE).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cedar.proto.imageref import canonical_registry
+from cedar.puller.errors import CredentialFileError
 
 log = logging.getLogger("cedar.puller.credentials")
 
@@ -40,10 +42,10 @@ class Credential:
 def parse_dockerconfig(data: Any) -> dict[str, Credential]:
     """Registry -> credential, from a parsed .dockerconfigjson (or legacy .dockercfg) body."""
     if not isinstance(data, dict):
-        raise ValueError("not a JSON object")
+        raise CredentialFileError("not a JSON object")
     auths = data.get("auths", data)
     if not isinstance(auths, dict):
-        raise ValueError("'auths' is not an object")
+        raise CredentialFileError("'auths' is not an object")
     result: dict[str, Credential] = {}
     for key, entry in auths.items():
         if not isinstance(entry, dict):
@@ -74,10 +76,6 @@ class CredentialStore:
         self.path = path
         self._stamp: tuple[float, int] | None = None
         self._creds: dict[str, Credential] = {}
-
-    def registries(self) -> list[str]:
-        self._reload()
-        return sorted(self._creds)
 
     def for_registry(self, registry: str) -> Credential | None:
         self._reload()

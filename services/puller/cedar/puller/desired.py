@@ -1,4 +1,4 @@
-"""This node's desired image set, maintained incrementally. Pure logic.
+"""This node's desired image set, maintained incrementally. Pure: no I/O.
 
 Each workload contributes its images when its pods could run on this node. The set keeps,
 per image, the workloads that want it, so one event costs O(images of that workload), not
@@ -13,12 +13,11 @@ they are reported (failed, invalid_reference) instead of silently dropped.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from cedar.proto.models import PodScheduling, WorkloadImageSet
-from cedar.puller.scheduling import NodeInfo, mismatch
+from cedar.proto.scheduling import NodeInfo, mismatch
 
 
 @dataclass(slots=True)
@@ -178,10 +177,4 @@ class DesiredSet:
                 change.added[image] = observed_at
             else:
                 wanting_new.add(identity)
-        return change
-
-    def load(self, items: Iterable[WorkloadImageSet], now: datetime) -> Change:
-        change = Change()
-        for wis in items:
-            change.merge(self.apply(wis, now))
         return change

@@ -1,14 +1,15 @@
-"""The node's Docker engine, through aiodocker: pull, list, remove, and error classes.
+"""The image engines: the node's Docker engine through aiodocker, and the dry-run engine.
 
-Every failure is reduced to one reason the rest of the puller (and the operator) acts on:
-not_found, unauthorized, timeout, invalid_reference, engine_error, low_disk, or
-registry_down (the registry could not be reached at all; it opens the breaker).
+I/O: the Docker engine API at DOCKER_HOST, and only these calls: pull, list images, list
+containers (which images they use), remove an image without force. `DryRunEngine` touches
+nothing. Every failure is an `EngineError` with one reason the rest of the puller (and
+the operator) acts on: not_found, unauthorized, timeout, invalid_reference, engine_error,
+low_disk, or registry_down (the registry could not be reached at all; it opens the breaker).
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import re
 from collections.abc import Mapping
 from typing import Any, Protocol
@@ -17,9 +18,8 @@ import aiodocker
 import aiohttp
 
 from cedar.proto.imageref import ImageReference
+from cedar.puller.errors import EngineError
 from cedar.puller.prune import LocalImage
-
-log = logging.getLogger("cedar.puller.engine")
 
 _DIGEST = re.compile(r"Digest: (sha256:[0-9a-f]{64})")
 
@@ -76,13 +76,6 @@ def classify(message: str) -> str:
     return "engine_error"
 
 
-class EngineError(Exception):
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
-        self.message = message
-
-
 class ImageEngine(Protocol):
     """What the puller needs from an engine; the dry-run engine implements it too."""
 
@@ -108,7 +101,9 @@ def _local_image(raw: Mapping[str, Any]) -> LocalImage:
     )
 
 
-class DockerEngine:
+class DockerImageEngine:
+    """The `ImageEngine` that drives the node's Docker engine through aiodocker."""
+
     def __init__(self, host: str) -> None:
         self.host = host
         self._docker: aiodocker.Docker | None = None
@@ -123,21 +118,6 @@ class DockerEngine:
         if self._docker is not None:
             await self._docker.close()
             self._docker = None
-
-    async def ping(self) -> bool:
-        try:
-            await self.docker._query_json("_ping", method="GET")
-        except (aiodocker.DockerError, aiohttp.ClientError, OSError, ValueError):
-            # _ping answers plain "OK", which is not JSON: reaching it is what counts.
-            return await self._ping_text()
-        return True
-
-    async def _ping_text(self) -> bool:
-        try:
-            async with self.docker._query("_ping", method="GET") as resp:
-                return bool(resp.status == 200)
-        except (aiodocker.DockerError, aiohttp.ClientError, OSError):
-            return False
 
     async def pull(
         self, ref: ImageReference, auth: Mapping[str, str] | None, limit: float

@@ -1,4 +1,7 @@
-"""The puller's metrics. Names are public interface (dashboards, alerts): see DESIGN.md."""
+"""The puller's metrics. Names are public interface (dashboards, alerts): see docs/puller.md.
+
+Touches only the process's Prometheus registry (served on /metrics by cedar.runtime).
+"""
 
 from __future__ import annotations
 

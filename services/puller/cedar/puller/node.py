@@ -1,5 +1,6 @@
 """This node's labels and taints: read from its Node object and followed with a watch.
 
+I/O: the Kubernetes API (get and watch of this one Node) through cedar.runtime.kube.
 When `CEDAR_NODE_FROM_API` is false, or no Kubernetes configuration is available (a
 sandbox, a test), they come from `CEDAR_NODE_LABELS` / `CEDAR_NODE_TAINTS` instead, with the
 local `kubernetes.io/os` and `kubernetes.io/arch` unless those are given.
@@ -12,7 +13,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from cedar.puller.scheduling import NodeInfo, node_from_object, static_node
+from cedar.proto.scheduling import NodeInfo, node_from_object, static_node
 from cedar.puller.settings import PullerSettings
 from cedar.runtime.backoff import Backoff
 from cedar.runtime.kube import Gone, KubeClient, KubeError, load_config, resource_path
@@ -21,9 +22,8 @@ log = logging.getLogger("cedar.puller.node")
 
 
 class NodeSource:
-    def __init__(self, settings: PullerSettings, on_change: Callable[[NodeInfo], None]) -> None:
+    def __init__(self, settings: PullerSettings) -> None:
         self.settings = settings
-        self.on_change = on_change
         self.client: KubeClient | None = None
         self.current: NodeInfo | None = None
         name = settings.node
@@ -45,20 +45,24 @@ class NodeSource:
         if self.client is not None:
             await self.client.close()
 
-    def _publish(self, node: NodeInfo) -> None:
+    def _publish(self, node: NodeInfo, on_change: Callable[[NodeInfo], None]) -> None:
         if node != self.current:
-            if self.current is not None:
-                log.info(
-                    "node labels or taints changed",
-                    extra={"labels": dict(node.labels), "taints": [t.key for t in node.taints]},
-                )
+            log.info(
+                "node labels or taints changed",
+                extra={"labels": dict(node.labels), "taints": [t.key for t in node.taints]},
+            )
             self.current = node
-            self.on_change(node)
+            on_change(node)
 
-    async def initial(self, stop: asyncio.Event) -> tuple[NodeInfo | None, str]:
-        """The node as it is now, and the resourceVersion to watch from."""
+    async def initial(self, stop: asyncio.Event) -> tuple[NodeInfo, str] | None:
+        """The node as it is now, and the resourceVersion to watch from; None if stopped."""
+        fetched = await self._fetch(stop)
+        if fetched is not None:
+            self.current = fetched[0]
+        return fetched
+
+    async def _fetch(self, stop: asyncio.Event) -> tuple[NodeInfo, str] | None:
         if self.client is None:
-            self._publish(self._static)
             return self._static, ""
         backoff = Backoff(base=0.5, cap=15.0)
         path = resource_path("Node", name=self.settings.node)
@@ -74,13 +78,14 @@ class NodeSource:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay)
                 continue
-            node = node_from_object(obj)
-            self._publish(node)
-            return node, str((obj.get("metadata") or {}).get("resourceVersion", ""))
-        return None, ""
+            rv = str((obj.get("metadata") or {}).get("resourceVersion", ""))
+            return node_from_object(obj), rv
+        return None
 
-    async def follow(self, stop: asyncio.Event, resource_version: str) -> None:
-        """Keep `current` up to date until `stop`."""
+    async def follow(
+        self, stop: asyncio.Event, resource_version: str, on_change: Callable[[NodeInfo], None]
+    ) -> None:
+        """Keep `current` up to date until `stop`, calling `on_change` with each change."""
         if self.client is None:
             return
         client = self.client
@@ -90,7 +95,11 @@ class NodeSource:
         while not stop.is_set():
             try:
                 if not rv:
-                    _, rv = await self.initial(stop)
+                    fetched = await self._fetch(stop)
+                    if fetched is None:
+                        return
+                    node, rv = fetched
+                    self._publish(node, on_change)
                 async for event in client.watch(
                     resource_path("Node"), rv, timeout_seconds=300, params=params
                 ):
@@ -98,7 +107,7 @@ class NodeSource:
                     meta = obj.get("metadata") or {}
                     rv = str(meta.get("resourceVersion", rv))
                     if event.get("type") in ("ADDED", "MODIFIED"):
-                        self._publish(node_from_object(obj))
+                        self._publish(node_from_object(obj), on_change)
                     backoff.reset()
                     if stop.is_set():
                         return

@@ -1,8 +1,9 @@
-"""What to pull next, and how each image's bookkeeping moves. Pure logic; times are floats.
+"""What to pull next, and how each image's bookkeeping moves. Pure: no I/O; times are floats.
 
-Order: images missing from the engine first, the ones most workloads want before the rest,
-then tag references whose refresh is due. An image in flight is never started twice;
-an image in backoff, behind an open registry breaker, or waiting for disk is not started.
+It touches only its arguments: the desired set, the engine's listing, the records. Order:
+images missing from the engine first, the ones most workloads want before the rest, then
+tag references whose refresh is due. An image in flight is never started twice; an image
+in backoff, behind an open registry breaker, or waiting for disk is not started.
 """
 
 from __future__ import annotations
@@ -15,17 +16,9 @@ from typing import Literal
 
 from cedar.proto.imageref import ImageReference, InvalidReference, parse
 from cedar.proto.models import ImageState
+from cedar.puller.prune import LocalImage
 
 PERMANENT_REASONS = frozenset({"not_found", "unauthorized", "invalid_reference"})
-REASONS = (
-    "not_found",
-    "unauthorized",
-    "timeout",
-    "invalid_reference",
-    "engine_error",
-    "low_disk",
-    "registry_down",
-)
 PullKind = Literal["pull", "refresh"]
 
 
@@ -70,6 +63,33 @@ def parse_image(image: str) -> ImageReference | None:
         return parse(image)
     except InvalidReference:
         return None
+
+
+def present_index(images: list[LocalImage]) -> dict[str, tuple[str, str | None]]:
+    """Normalised reference -> (image id, manifest digest) for everything in the engine."""
+    index: dict[str, tuple[str, str | None]] = {}
+    for image in images:
+        digests: dict[str, str] = {}
+        for text in image.repo_digests:
+            ref = parse_image(text)
+            if ref is not None and ref.digest is not None:
+                digests[ref.name] = ref.digest
+                index[f"{ref.name}@{ref.digest}"] = (image.id, ref.digest)
+        for text in image.repo_tags:
+            ref = parse_image(text)
+            if ref is not None:
+                index[str(ref)] = (image.id, digests.get(ref.name))
+    return index
+
+
+def lookup(index: dict[str, tuple[str, str | None]], image: str) -> tuple[str, str | None] | None:
+    """The (image id, digest) in `index` that satisfies the desired reference `image`."""
+    ref = parse_image(image)
+    if ref is None:
+        return None
+    if ref.digest is not None:
+        return index.get(f"{ref.name}@{ref.digest}")
+    return index.get(str(ref))
 
 
 def spread(node: str, image: str) -> float:

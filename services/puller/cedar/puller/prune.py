@@ -1,4 +1,4 @@
-"""Which local images may be removed. Pure logic.
+"""Which local images may be removed. Pure: no I/O; it touches only its arguments.
 
 An image is removed only if all three hold:
 

@@ -4,6 +4,7 @@ Any HTTP answer below 500 counts as up (401 is a registry asking for credentials
 registry is down its breaker is open: pulls from it are not started at all, and the probe
 is retried with a growing interval capped at the cache TTL, so that pulls resume by
 themselves shortly after it comes back, without one timeout per image meanwhile.
+I/O: HTTP GET of registries' `/v2/` through aiohttp, and the cedar_puller_registry_up gauge.
 """
 
 from __future__ import annotations

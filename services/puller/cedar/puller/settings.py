@@ -1,4 +1,7 @@
-"""The puller's settings: `CEDAR_*` environment variables (and `DOCKER_HOST`)."""
+"""The puller's settings: `CEDAR_*` environment variables (and `DOCKER_HOST`).
+
+Reads only the process environment (through pydantic-settings), once, when built.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ from datetime import timedelta
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from cedar.puller.errors import PullerConfigError
 from cedar.runtime.durations import Duration
 from cedar.runtime.settings import CommonSettings
 
@@ -84,7 +88,9 @@ class PullerSettings(CommonSettings):
     @property
     def node(self) -> str:
         if not self.node_name:
-            raise ValueError("CEDAR_NODE_NAME is required (the downward API's spec.nodeName)")
+            raise PullerConfigError(
+                "CEDAR_NODE_NAME is required (the downward API's spec.nodeName)"
+            )
         return self.node_name
 
     @property

@@ -1,5 +1,7 @@
 """What the puller tells others: per-image status in KV, decisions on the bus, metrics.
 
+I/O: KV cedar-node-status and the subject cedar.decisions.<node>, through
+cedar.runtime.bus (nats-py's errors arrive as BusError); the cedar_puller_images gauges.
 Status entries (`cedar-node-status`, key `node_status_key(node, image)`) are written only
 when an image's state, digest or reason changes, so a steady node costs no KV writes.
 Publishing never blocks the puller on NATS: a failed write is retried at the next reconcile.
@@ -12,7 +14,6 @@ from collections import Counter
 from collections.abc import Iterable
 from datetime import UTC, datetime
 
-from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
@@ -20,12 +21,12 @@ from cedar.proto import subjects
 from cedar.proto.models import NodeImageStatus, PullerDecision
 from cedar.puller.metrics import IMAGES
 from cedar.puller.plan import ImageRecord
-from cedar.runtime.bus import TRANSIENT_ERRORS
+from cedar.runtime.bus import BusError, bus_errors
 
 log = logging.getLogger("cedar.puller.status")
 decisions_log = logging.getLogger("cedar.puller.decisions")
 
-_PUBLISH_ERRORS = (*TRANSIENT_ERRORS, NatsError, RuntimeError)
+_PUBLISH_ERRORS = (BusError, RuntimeError)
 
 
 def now_utc() -> datetime:
@@ -36,8 +37,8 @@ class StatusPublisher:
     def __init__(
         self,
         node: str,
-        js: JetStreamContext | None,
-        kv: KeyValue | None,
+        js: JetStreamContext,
+        kv: KeyValue,
         *,
         dry_run: bool = False,
     ) -> None:
@@ -49,7 +50,7 @@ class StatusPublisher:
         self.decisions: list[PullerDecision] = []  # kept only in dry-run, for inspection
 
     async def publish_image(self, record: ImageRecord, workloads: tuple[str, ...]) -> None:
-        if self.kv is None or self.dry_run:
+        if self.dry_run:
             return
         fingerprint = (record.state, record.digest, record.reason)
         if self._published.get(record.image) == fingerprint:
@@ -65,19 +66,22 @@ class StatusPublisher:
             updated_at=now_utc(),
         )
         try:
-            await self.kv.put(
-                subjects.node_status_key(self.node, record.image), status.model_dump_json().encode()
-            )
+            with bus_errors("write image status"):
+                await self.kv.put(
+                    subjects.node_status_key(self.node, record.image),
+                    status.model_dump_json().encode(),
+                )
         except _PUBLISH_ERRORS as err:
             log.debug("cannot write image status yet: %s", err)
             return
         self._published[record.image] = fingerprint
 
     async def forget_image(self, image: str) -> None:
-        if self.kv is None or self.dry_run:
+        if self.dry_run:
             return
         try:
-            await self.kv.delete(subjects.node_status_key(self.node, image))
+            with bus_errors("delete image status"):
+                await self.kv.delete(subjects.node_status_key(self.node, image))
         except _PUBLISH_ERRORS as err:
             log.debug("cannot delete image status yet: %s", err)
             return
@@ -113,12 +117,11 @@ class StatusPublisher:
         )
         if self.dry_run:
             self.decisions.append(record)
-        if self.js is None:
-            return
         try:
-            await self.js.publish(
-                subjects.decisions_subject(self.node), record.model_dump_json().encode()
-            )
+            with bus_errors("publish a decision"):
+                await self.js.publish(
+                    subjects.decisions_subject(self.node), record.model_dump_json().encode()
+                )
         except _PUBLISH_ERRORS as err:
             log.debug("cannot publish decision: %s", err)
 

@@ -10,7 +10,7 @@ from cedar.proto.models import (
     PodScheduling,
     Toleration,
 )
-from cedar.puller.scheduling import (
+from cedar.proto.scheduling import (
     NodeInfo,
     Taint,
     admits,
@@ -172,7 +172,7 @@ def test_static_node_parsing() -> None:
 
 
 def test_mismatch_says_why() -> None:
-    from cedar.puller.scheduling import Taint, mismatch
+    from cedar.proto.scheduling import Taint, mismatch
 
     node = NodeInfo(
         "n1",

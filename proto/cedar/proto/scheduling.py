@@ -1,4 +1,4 @@
-"""Could a workload's pods be scheduled on this node? Pure logic, Kubernetes' rules.
+"""Could a workload's pods be scheduled on a node? Pure: Kubernetes' rules, no I/O.
 
 Only the required, node-level constraints count: nodeSelector, required node affinity
 (terms ORed, expressions within a term ANDed) and NoSchedule/NoExecute taints against the
@@ -8,12 +8,15 @@ they do not stop pre-pulling. Taints the node lifecycle controller sets for cond
 that is still becoming Ready is exactly the one that needs warming, so they are ignored.
 `kubernetes.io/os` and `kubernetes.io/arch` are ordinary node labels and match like any
 other through the selector and affinity.
+
+The puller applies it to its own node; `cedar prepull` to every node that reports status.
+It touches nothing but its arguments (and `platform.machine()` for the local arch label).
 """
 
 from __future__ import annotations
 
 import platform
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,11 +152,6 @@ def _tolerates(toleration: Toleration, taint: Taint) -> bool:
     if toleration.operator == "Exists":
         return True
     return (toleration.value or "") == taint.value
-
-
-def tolerated(tolerations: Iterable[Toleration], node: NodeInfo) -> bool:
-    tols = tuple(tolerations)
-    return all(any(_tolerates(t, taint) for t in tols) for taint in node.blocking_taints())
 
 
 def mismatch(scheduling: PodScheduling, node: NodeInfo) -> str | None:

@@ -1,0 +1,125 @@
+"""The pulls in flight: one task per image, behind the registry's breaker, with credentials.
+
+I/O: the image engine (pull), the registry probe (`/v2/`, registry.py), the credentials
+file (credentials.py) and `pull`/`pulled`/`failed` decisions (status.py); the pull
+metrics. How each outcome moves the image's record is decided by plan.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+from cedar.proto.imageref import parse
+from cedar.puller import metrics
+from cedar.puller.credentials import CredentialStore
+from cedar.puller.desired import DesiredSet
+from cedar.puller.engine import ImageEngine
+from cedar.puller.errors import EngineError
+from cedar.puller.plan import (
+    ImageRecord,
+    Policy,
+    PullKind,
+    on_pull_failed,
+    on_pull_started,
+    on_pull_succeeded,
+)
+from cedar.puller.registry import RegistryProbe
+from cedar.puller.status import StatusPublisher
+
+
+class Pulls:
+    def __init__(
+        self,
+        *,
+        engine: ImageEngine,
+        probe: RegistryProbe,
+        credentials: CredentialStore,
+        status: StatusPublisher,
+        desired: DesiredSet,
+        policy: Policy,
+        rng: random.Random,
+        pull_timeout: float,
+        dry_run: bool,
+        dirty: asyncio.Event,
+    ) -> None:
+        self.engine = engine
+        self.probe = probe
+        self.credentials = credentials
+        self.status = status
+        self.desired = desired
+        self.policy = policy
+        self.rng = rng
+        self.pull_timeout = pull_timeout
+        self.dry_run = dry_run
+        self.dirty = dirty  # set when a pull ends, so that the next reconcile sees it
+        self.in_flight: dict[str, asyncio.Task[None]] = {}
+        self.max_in_flight = 0  # observed, for tests and the benchmark
+        self.attempts = 0
+
+    def start(self, record: ImageRecord, kind: PullKind) -> None:
+        image = record.image
+        on_pull_started(record)
+        task = asyncio.create_task(self._pull(image, kind, record), name=f"pull {image}")
+        self.in_flight[image] = task
+        self.max_in_flight = max(self.max_in_flight, len(self.in_flight))
+
+    async def cancel(self) -> None:
+        """Hand the pulls in flight back: the engine abandons a pull whose client went away,
+        and the next puller's reconcile starts it again."""
+        pulls = list(self.in_flight.values())
+        for task in pulls:
+            task.cancel()
+        await asyncio.gather(*pulls, return_exceptions=True)
+
+    async def _pull(self, image: str, kind: PullKind, record: ImageRecord) -> None:
+        ref = parse(image)
+        was_present = kind == "refresh"
+        workloads = self.desired.workloads_of(image)
+        try:
+            if not self.dry_run and not await self.probe.is_up(ref.registry, ref.api_host):
+                # Not a failure of this image: it waits behind the registry's breaker.
+                record.state = "present" if was_present else "missing"
+                record.reason = None if was_present else "registry_down"
+                return
+            if record.wanted_at is not None and kind == "pull":
+                metrics.EVENT_TO_PULL.observe(max(0.0, time.time() - record.wanted_at))
+            record.wanted_at = None
+            await self.status.decision(image, kind, "", workloads=workloads)
+            credential = self.credentials.for_registry(ref.registry)
+            self.attempts += 1
+            started = time.monotonic()
+            try:
+                digest = await self.engine.pull(
+                    ref, credential.engine_auth() if credential else None, self.pull_timeout
+                )
+            except EngineError as err:
+                if err.reason == "registry_down":
+                    self.probe.mark_down(ref.registry, err.message)
+                metrics.PULLS.labels(result=err.reason).inc()
+                metrics.FAILURES.labels(reason=err.reason).inc()
+                on_pull_failed(
+                    record,
+                    self.policy,
+                    reason=err.reason,
+                    error=err.message,
+                    now=time.monotonic(),
+                    rng=self.rng,
+                    present=was_present,
+                )
+                await self.status.decision(image, "failed", err.reason, workloads=workloads)
+                return
+            metrics.PULL_DURATION.observe(time.monotonic() - started)
+            metrics.PULLS.labels(result="success").inc()
+            previous = record.digest
+            on_pull_succeeded(
+                record, self.policy, digest, time.monotonic(), by_digest=ref.is_digest
+            )
+            reason = ""
+            if kind == "refresh":
+                reason = "new digest" if digest and digest != previous else "unchanged"
+            await self.status.decision(image, "pulled", reason, workloads=workloads, digest=digest)
+        finally:
+            self.in_flight.pop(image, None)
+            self.dirty.set()
