@@ -12,6 +12,7 @@ import kubernetes
 import pytest
 from kubernetes.client import ApiClient, ApiException, AppsV1Api, CoreV1Api
 
+from cedar.sandbox.errors import ApiError, SandboxError, UnknownResourceError
 from cedar.sandbox.kubeapi import KubeAPI
 from cedar.sandbox.kubeapi_ops import apply_patch, parse_field_selector, parse_label_selector
 
@@ -116,6 +117,19 @@ def test_field_selector_and_patches() -> None:
     assert apply_patch(obj, "application/json-patch+json", ops) == {
         "metadata": {"annotations": {"a": "9"}, "labels": {"x/y": "z"}}
     }
+
+
+def test_control_errors_are_sandbox_errors(kube_api: KubeAPI) -> None:
+    with pytest.raises(UnknownResourceError) as unknown:
+        kube_api.resource("pods")
+    assert isinstance(unknown.value, KeyError) and isinstance(unknown.value, SandboxError)
+    kube_api.create(deployment("web"))
+    with pytest.raises(ApiError) as exists:
+        kube_api.create(deployment("web"))
+    assert exists.value.code == 409 and isinstance(exists.value, SandboxError)
+    with pytest.raises(TimeoutError) as waited:
+        kube_api.wait_for_watches("deployments", timeout=0.05)
+    assert isinstance(waited.value, SandboxError)
 
 
 # ------------------------------------------------------------------ official client

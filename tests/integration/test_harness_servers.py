@@ -14,8 +14,9 @@ import pytest
 from aiodocker.exceptions import DockerError
 
 from cedar.sandbox.dockerd import DockerEngine, docker_engine_reachable
+from cedar.sandbox.errors import SandboxError, ServerStartError
 from cedar.sandbox.nats import NatsServer
-from cedar.sandbox.procs import ServerStartError, pid_alive
+from cedar.sandbox.procs import pid_alive
 from cedar.sandbox.registry import Registry
 from tests.harness.registry import AUTH_PASSWORD, AUTH_USER, ImageMaker
 
@@ -88,9 +89,10 @@ def test_failed_start_reports_log_tail(tmp_path: Path) -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         server = NatsServer(tmp_path / "store", port=busy.getsockname()[1])
-        with pytest.raises(ServerStartError, match="address already in use"):
+        with pytest.raises(ServerStartError, match="address already in use") as failed:
             server.start()
     assert not server.is_running
+    assert isinstance(failed.value, SandboxError) and isinstance(failed.value, RuntimeError)
 
 
 # --- Docker engine ---------------------------------------------------------------------

@@ -1,8 +1,10 @@
-"""A private Docker engine (Debian's ``dockerd``) under one short directory.
+"""A private Docker engine (Debian's ``dockerd``) under one short directory, and its CLI.
 
-Everything the daemon owns lives under ``base_dir``: socket, data root, exec root (where
-the ``containerd`` it starts keeps its socket and state), pid file, daemon config and a
-docker CLI config dir. Nothing touches a system daemon or ``/var/lib/docker``.
+I/O: runs ``dockerd`` and the docker CLI as child processes, talks HTTP to an engine's
+socket (``/_ping``), reads ``/proc`` and unmounts what a killed daemon left under its
+directory. Everything the daemon owns lives under ``base_dir``: socket, data root, exec root
+(where the ``containerd`` it starts keeps its socket and state), pid file, daemon config and
+a docker CLI config dir. Nothing touches a system daemon or ``/var/lib/docker``.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from cedar.sandbox.errors import DockerCommandError, SocketPathTooLongError
 from cedar.sandbox.procs import ManagedProcess, find_binary, kill_pid
 
-__all__ = ["DockerEngine", "docker_engine_reachable"]
+__all__ = ["DockerCli", "DockerEngine", "docker_engine_reachable"]
 
 # sun_path is 108 bytes including the NUL; containerd adds ".ttrpc" to its socket name.
 _MAX_SOCKET_PATH = 100
@@ -116,7 +119,7 @@ class DockerCli:
             check=False,
         )
         if check and proc.returncode != 0:
-            raise RuntimeError(
+            raise DockerCommandError(
                 f"`docker {' '.join(args)}` failed with code {proc.returncode}: "
                 f"{proc.stderr.strip() or proc.stdout.strip()}"
             )
@@ -147,7 +150,7 @@ class DockerEngine(DockerCli, ManagedProcess):
         self.base_dir = Path(base_dir).absolute()
         probe = self.exec_root / "containerd" / "containerd.sock.ttrpc"
         if len(str(probe).encode()) > _MAX_SOCKET_PATH:
-            raise ValueError(
+            raise SocketPathTooLongError(
                 f"base_dir {self.base_dir} is too long for unix socket paths "
                 f"({probe} > {_MAX_SOCKET_PATH} bytes); use a short directory such as "
                 "tempfile.mkdtemp(prefix='cedar-', dir='/tmp')"

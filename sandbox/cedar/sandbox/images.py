@@ -1,9 +1,10 @@
 """Make real, distinct images of a chosen size and push them to a sandbox registry.
 
-An image is one layer: a tarball of random (incompressible, so the registry really
-stores and serves ``size_bytes``) data, streamed from Python into ``docker import``,
-then pushed with the docker CLI. Local copies are removed afterwards so that a later
-pull really goes to the registry.
+I/O: runs the docker CLI (``import``, ``login``, ``push``, ``rmi``) against a Docker engine,
+in a private DOCKER_CONFIG under the engine's directory. An image is one layer: a tarball of
+random (incompressible, so the registry really stores and serves ``size_bytes``) data,
+streamed from Python into ``docker import``, then pushed with the docker CLI. Local copies
+are removed afterwards so that a later pull really goes to the registry.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import IO, Any, ParamSpec, TypeVar
 
 from cedar.sandbox.dockerd import DockerEngine
+from cedar.sandbox.errors import DockerCommandError
 from cedar.sandbox.registry import Registry
 
 P = ParamSpec("P")
@@ -103,7 +105,7 @@ def _import(
     # communicate() flushes and closes stdin (end of the tar stream), then collects output.
     out, err = proc.communicate(timeout=300)
     if proc.returncode != 0:
-        raise RuntimeError(
+        raise DockerCommandError(
             f"`docker import` of {ref} failed with code {proc.returncode}: "
             f"{err.decode(errors='replace').strip() or out.decode(errors='replace').strip()}"
         )
@@ -150,7 +152,7 @@ def _push(engine: DockerEngine, ref: str, config_dir: Path) -> str:
     out = engine.docker("push", ref, config_dir=config_dir).stdout
     match = _DIGEST_RE.search(out)
     if match is None:
-        raise RuntimeError(f"`docker push {ref}` printed no digest:\n{out}")
+        raise DockerCommandError(f"`docker push {ref}` printed no digest:\n{out}")
     return match.group(1)
 
 

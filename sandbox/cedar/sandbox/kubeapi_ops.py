@@ -1,4 +1,4 @@
-"""Pure helpers of the simulated Kubernetes API: resource table, selectors, patches.
+"""Pure rules of the simulated Kubernetes API: the resource table, selectors, patches.
 
 No I/O and no state here, so that every rule is testable on its own.
 """
@@ -11,34 +11,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from cedar.sandbox.errors import ApiError, UnknownResourceError
+
 JsonObj = dict[str, Any]
-
-
-class ApiError(Exception):
-    """A failure that the API server reports as a `kind: Status` body with an HTTP code."""
-
-    def __init__(self, code: int, reason: str, message: str, details: JsonObj | None = None):
-        super().__init__(f"{code} {reason}: {message}")
-        self.code = code
-        self.reason = reason
-        self.message = message
-        self.details = details or {}
-
-    def status(self) -> JsonObj:
-        return status_body(self.code, self.reason, self.message, self.details)
-
-
-def status_body(code: int, reason: str, message: str, details: JsonObj | None = None) -> JsonObj:
-    return {
-        "kind": "Status",
-        "apiVersion": "v1",
-        "metadata": {},
-        "status": "Failure",
-        "message": message,
-        "reason": reason,
-        "details": details or {},
-        "code": code,
-    }
 
 
 # ---------------------------------------------------------------- resources
@@ -120,7 +95,7 @@ class ResourceTable:
             return name
         found = self._loose.get(name)
         if found is None:
-            raise KeyError(f"unknown resource {name!r}; known: {sorted(self._loose)}")
+            raise UnknownResourceError(f"unknown resource {name!r}; known: {sorted(self._loose)}")
         return found
 
 
@@ -233,6 +208,23 @@ def parse_field_selector(selector: str | None) -> FieldSelector | None:
         op = "!=" if m.group(2) == "!=" else "="
         reqs.append(_Requirement(m.group(1), op, frozenset({m.group(3)})))
     return FieldSelector(tuple(reqs))
+
+
+@dataclass(frozen=True)
+class WatchFilter:
+    """What a list or a watch selects: a namespace (None: all), label and field selectors."""
+
+    namespace: str | None = None
+    labels: LabelMatcher | None = None
+    fields: Matcher | None = None
+
+    def matches(self, obj: JsonObj) -> bool:
+        meta = obj.get("metadata") or {}
+        if self.namespace is not None and meta.get("namespace") != self.namespace:
+            return False
+        if self.labels is not None and not self.labels(meta.get("labels") or {}):
+            return False
+        return self.fields is None or self.fields(obj)
 
 
 # ---------------------------------------------------------------- patches

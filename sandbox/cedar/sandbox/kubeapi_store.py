@@ -1,8 +1,9 @@
-"""The bookkeeping of the simulated Kubernetes API: objects, resourceVersions, history, pages.
+"""Pure: the simulated Kubernetes API's state: objects, resourceVersions, history, pages.
 
-Thread-safe and free of I/O: the HTTP layer (kubeapi.py) and the tests' control calls both
-use it. Objects are serialised to JSON bytes once per write so that lists and watch events
-are built by joining bytes, which keeps a 60,000-object list cheap.
+Thread-safe and free of I/O: the HTTP handlers (kubeapi_http.py) and the tests' control
+calls (kubeapi.py) both use it; the rules for one object are in kubeapi_objects.py. Objects
+are serialised to JSON bytes once per write so that lists and watch events are built by
+joining bytes, which keeps a 60,000-object list cheap.
 """
 
 from __future__ import annotations
@@ -10,44 +11,18 @@ from __future__ import annotations
 import base64
 import binascii
 import bisect
-import datetime
 import json
-import random
-import string
 import threading
-import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from cedar.sandbox.kubeapi_ops import (
-    ApiError,
-    JsonObj,
-    LabelMatcher,
-    Matcher,
-    ResourceTable,
-    ResourceType,
-    apply_patch,
-)
+from cedar.sandbox.errors import ApiError
+from cedar.sandbox.kubeapi_objects import clone, dump, new_object, updated_object
+from cedar.sandbox.kubeapi_ops import JsonObj, ResourceTable, ResourceType, WatchFilter, apply_patch
 
 ObjKey = tuple[str, str]  # (namespace or "", name)
-
-
-_encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, check_circular=False)
-
-
-def dump(obj: Any) -> bytes:
-    return _encoder.encode(obj).encode("utf-8")
-
-
-def clone(obj: Any) -> Any:
-    """A deep copy of JSON data; a JSON round trip is several times faster than deepcopy."""
-    return json.loads(_encoder.encode(obj))
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass(slots=True)
@@ -59,24 +34,8 @@ class Stored:
 @dataclass(slots=True, frozen=True)
 class WatchEvent:
     rv: int
-    type: str
     obj: JsonObj
     line: bytes  # the whole newline-terminated watch event
-
-
-@dataclass(frozen=True)
-class WatchFilter:
-    namespace: str | None = None
-    labels: LabelMatcher | None = None
-    fields: Matcher | None = None
-
-    def matches(self, obj: JsonObj) -> bool:
-        meta = obj.get("metadata") or {}
-        if self.namespace is not None and meta.get("namespace") != self.namespace:
-            return False
-        if self.labels is not None and not self.labels(meta.get("labels") or {}):
-            return False
-        return self.fields is None or self.fields(obj)
 
 
 @dataclass
@@ -116,10 +75,6 @@ class _Bucket:
         self.history.append(event)
 
 
-def expired_status(message: str) -> JsonObj:
-    return ApiError(410, "Expired", message).status()
-
-
 def event_line(type_: str, raw: bytes) -> bytes:
     return b'{"type":"' + type_.encode() + b'","object":' + raw + b"}\n"
 
@@ -138,25 +93,27 @@ def _decode_continue(token: str) -> tuple[int, ObjKey]:
 
 
 class Store:
+    """Every object of every resource type in `table`, with the watch history of each type.
+
+    `history_limit` is how many events per resource type a watch can resume across;
+    `on_change` is called after every write, from whichever thread wrote, so it must be
+    cheap and thread-safe.
+    """
+
     def __init__(
         self,
-        table: ResourceTable | None = None,
+        table: ResourceTable,
         *,
-        history_limit: int = 10_000,
-        on_change: Callable[[], None] | None = None,
+        history_limit: int,
+        on_change: Callable[[], None],
     ) -> None:
-        self.table = table or ResourceTable()
-        self.history_limit = history_limit
-        # Called after every write, from whichever thread wrote; must be cheap and thread-safe.
         self.on_change = on_change
         self._lock = threading.RLock()
         # Never 0: to a watch, resourceVersion "0" means "any", not "the start".
         self._rv = 1
         # Bumped by expire(): open watches notice it and end with a 410 ERROR event.
         self.epoch = 0
-        self._buckets: dict[ResourceType, _Bucket] = {
-            r: _Bucket(history_limit) for r in self.table.all
-        }
+        self._buckets: dict[ResourceType, _Bucket] = {r: _Bucket(history_limit) for r in table.all}
 
     # ------------------------------------------------------------ helpers
 
@@ -184,10 +141,6 @@ class Store:
             )
         return stored
 
-    def _notify(self) -> None:
-        if self.on_change is not None:
-            self.on_change()
-
     def _commit(self, res: ResourceType, key: ObjKey, obj: JsonObj, type_: str) -> bytes:
         """Assign the next resourceVersion, store (or drop) the object and record the event."""
         self._rv += 1
@@ -201,43 +154,13 @@ class Store:
             if key not in bucket.objects:
                 bucket.add_key(key)
             bucket.objects[key] = Stored(obj, raw)
-        bucket.record(WatchEvent(self._rv, type_, obj, event_line(type_, raw)))
+        bucket.record(WatchEvent(self._rv, obj, event_line(type_, raw)))
         return raw
-
-    def _prepare_new(
-        self, res: ResourceType, obj: JsonObj, namespace: str | None, *, owned: bool = False
-    ) -> JsonObj:
-        # An owned object is copied only where it is changed here (bulk loads).
-        obj = {**obj, "metadata": dict(obj.get("metadata") or {})} if owned else clone(obj)
-        obj["apiVersion"] = res.api_version
-        obj["kind"] = res.kind
-        meta = obj.setdefault("metadata", {})
-        if not meta.get("name"):
-            prefix = meta.get("generateName")
-            if not prefix:
-                raise ApiError(422, "Invalid", "metadata.name or metadata.generateName required")
-            suffix = "".join(random.choices(string.ascii_lowercase + string.digits, k=5))
-            meta["name"] = prefix + suffix
-        if res.namespaced:
-            body_ns = meta.get("namespace")
-            if namespace and body_ns and body_ns != namespace:
-                raise ApiError(400, "BadRequest", "the namespace of the object does not match")
-            meta["namespace"] = namespace or body_ns or "default"
-        else:
-            meta.pop("namespace", None)
-        meta["uid"] = str(uuid.uuid4())
-        meta["creationTimestamp"] = _now()
-        if res.has_generation:
-            meta["generation"] = 1
-        if res.kind == "Namespace":
-            obj.setdefault("spec", {}).setdefault("finalizers", ["kubernetes"])
-            obj.setdefault("status", {}).setdefault("phase", "Active")
-        return obj
 
     # ------------------------------------------------------------ writes
 
     def create(self, res: ResourceType, obj: JsonObj, namespace: str | None = None) -> JsonObj:
-        new = self._prepare_new(res, obj, namespace)
+        new = new_object(res, obj, namespace)
         meta = new["metadata"]
         with self._lock:
             key = self._key(res, meta.get("namespace"), meta["name"])
@@ -249,7 +172,7 @@ class Store:
                     {"name": meta["name"], "group": res.group, "kind": res.plural},
                 )
             result: JsonObj = json.loads(self._commit(res, key, new, "ADDED"))
-        self._notify()
+        self.on_change()
         return result
 
     def load(self, res: ResourceType, objects: Iterable[JsonObj]) -> int:
@@ -258,7 +181,7 @@ class Store:
         The store takes ownership: the caller must not change the objects afterwards.
         """
         count = 0
-        prepared = [self._prepare_new(res, obj, None, owned=True) for obj in objects]
+        prepared = [new_object(res, obj, None, owned=True) for obj in objects]
         with self._lock:
             bucket = self._bucket(res)
             bucket.keys_sorted = False
@@ -269,7 +192,7 @@ class Store:
                     raise ApiError(409, "AlreadyExists", f'{res.plural} "{meta["name"]}" exists')
                 self._commit(res, key, new, "ADDED")
                 count += 1
-        self._notify()
+        self.on_change()
         return count
 
     def _write(
@@ -285,44 +208,19 @@ class Store:
         """Replace an object with `compute(current)`, keeping the fields clients cannot change."""
         with self._lock:
             stored = self._find(res, namespace, name)
-            old = stored.obj
-            new = compute(clone(old))
-            meta = new.setdefault("metadata", {})
-            sent_rv = meta.get("resourceVersion")
-            if sent_rv not in (None, "", old["metadata"]["resourceVersion"]):
-                raise ApiError(
-                    409,
-                    "Conflict",
-                    f'Operation cannot be fulfilled on {res.plural} "{name}": the object has '
-                    "been modified; please apply your changes to the latest version and try again",
-                    {"name": name, "group": res.group, "kind": res.plural},
-                )
-            if subresource == "status":
-                # Only the status changes through /status.
-                new = {**clone(old), "status": new.get("status")}
-                meta = new["metadata"]
-            elif subresource is not None:
-                raise ApiError(404, "NotFound", f"subresource {subresource!r} is not served")
-            elif keep_status and res.has_status:
-                # The main resource ignores status when a /status subresource exists.
-                new["status"] = clone(old.get("status"))
-                if new["status"] is None:
-                    del new["status"]
-            new["apiVersion"] = res.api_version
-            new["kind"] = res.kind
-            for immutable in ("name", "namespace", "uid", "creationTimestamp", "generation"):
-                if immutable in old["metadata"]:
-                    meta[immutable] = old["metadata"][immutable]
-                else:
-                    meta.pop(immutable, None)
-            meta["resourceVersion"] = old["metadata"]["resourceVersion"]
-            if new == old:
-                # The real API server neither bumps resourceVersion nor emits an event for a no-op.
+            new = updated_object(
+                res,
+                stored.obj,
+                compute(clone(stored.obj)),
+                subresource=subresource,
+                keep_status=keep_status,
+            )
+            if new is None:
                 return json.loads(stored.raw)  # type: ignore[no-any-return]
-            if res.has_generation and new.get("spec") != old.get("spec"):
-                meta["generation"] = int(old["metadata"].get("generation", 1)) + 1
-            result: JsonObj = json.loads(self._commit(res, stored_key(res, old), new, "MODIFIED"))
-        self._notify()
+            result: JsonObj = json.loads(
+                self._commit(res, stored_key(res, stored.obj), new, "MODIFIED")
+            )
+        self.on_change()
         return result
 
     def replace(
@@ -373,14 +271,17 @@ class Store:
             result: JsonObj = json.loads(stored.raw)
             self._commit(res, stored_key(res, stored.obj), clone(stored.obj), "DELETED")
             if res.kind == "Namespace":
-                # What the namespace controller eventually does, done at once.
-                for other, bucket in self._buckets.items():
-                    if other.namespaced:
-                        for key in [k for k in bucket.sorted_keys() if k[0] == name]:
-                            obj = clone(bucket.objects[key].obj)
-                            self._commit(other, key, obj, "DELETED")
-        self._notify()
+                self._finalize_namespace(name)
+        self.on_change()
         return result
+
+    def _finalize_namespace(self, namespace: str) -> None:
+        """What the namespace controller eventually does, done at once, in the same write:
+        every object in the deleted namespace goes, each with its DELETED event."""
+        for res, bucket in self._buckets.items():
+            if res.namespaced:
+                for key in [k for k in bucket.sorted_keys() if k[0] == namespace]:
+                    self._commit(res, key, clone(bucket.objects[key].obj), "DELETED")
 
     def reset(self) -> None:
         """Forget every object and all history; resourceVersions keep increasing."""
@@ -393,7 +294,7 @@ class Store:
                 bucket.keys_sorted = True
                 bucket.history.clear()
                 bucket.floor = self._rv
-        self._notify()
+        self.on_change()
 
     def expire(self) -> None:
         """Compact: open watches end with 410, and so does any watch from an RV seen so far."""
@@ -403,7 +304,7 @@ class Store:
             for bucket in self._buckets.values():
                 bucket.history.clear()
                 bucket.floor = self._rv
-        self._notify()
+        self.on_change()
 
     # ------------------------------------------------------------ reads
 
@@ -498,10 +399,6 @@ class Store:
                     picked.append(event.line)
             picked.reverse()
             return picked, max(self._rv, since)
-
-    def is_expired(self, res: ResourceType, since: int) -> bool:
-        with self._lock:
-            return since < self._bucket(res).floor
 
 
 def stored_key(res: ResourceType, obj: JsonObj) -> ObjKey:

@@ -1,4 +1,8 @@
-"""A real ``nats-server`` with JetStream on 127.0.0.1, for tests and ``cedar up --sandbox``."""
+"""A real ``nats-server`` with JetStream on 127.0.0.1, for tests and ``cedar up --sandbox``.
+
+I/O: runs ``nats-server`` as a child process with its store under ``store_dir``, and asks
+its monitoring port whether JetStream is up.
+"""
 
 from __future__ import annotations
 

@@ -1,9 +1,11 @@
 """Process plumbing shared by the sandbox servers (NATS, Docker engine, registry).
 
-Every server is a real child process: started with its output in a log file, waited on
-until it answers, and stopped by PID (SIGTERM, then SIGKILL after a grace period).
-Blocking methods are the primitive; the ``a``-prefixed twins run them in a worker
-thread so that asyncio code (tests, ``cedar up --sandbox``) does not stall its loop.
+I/O: starts child processes (their output in a log file), signals processes by PID, reads
+``/proc`` and binds local TCP ports to find free ones. Every server is a real child
+process: started, waited on until it answers, and stopped by PID (SIGTERM, then SIGKILL
+after a grace period). Blocking methods are the primitive; the ``a``-prefixed twins run
+them in a worker thread so that asyncio code (tests, ``cedar up --sandbox``) does not stall
+its loop.
 """
 
 from __future__ import annotations
@@ -23,13 +25,12 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Self
+from typing import IO
+
+from cedar.sandbox.errors import BinaryNotFoundError, ServerStartError, WaitTimeoutError
 
 __all__ = [
-    "BinaryNotFoundError",
     "ManagedProcess",
-    "ServerStartError",
     "find_binary",
     "free_port",
     "kill_pid",
@@ -37,14 +38,6 @@ __all__ = [
     "pid_alive",
     "wait_for",
 ]
-
-
-class ServerStartError(RuntimeError):
-    """A sandbox server did not become ready; the message carries the tail of its log."""
-
-
-class BinaryNotFoundError(FileNotFoundError):
-    """A server binary is not installed (``make test`` installs them)."""
 
 
 def find_binary(name: str, *, extra_dirs: Iterable[str | Path] = ()) -> str:
@@ -125,7 +118,7 @@ def wait_for(
     interval: float = 0.05,
     what: str = "condition",
 ) -> None:
-    """Poll ``predicate`` until it is true; raise ``TimeoutError`` after ``timeout`` s.
+    """Poll ``predicate`` until it is true; raise ``WaitTimeoutError`` after ``timeout`` s.
 
     Exceptions raised by the predicate propagate: a predicate uses them to say
     "this will never become true" (for example, the process died).
@@ -135,7 +128,7 @@ def wait_for(
         if predicate():
             return
         if time.monotonic() >= deadline:
-            raise TimeoutError(f"{what} not reached within {timeout:.1f}s")
+            raise WaitTimeoutError(f"{what} not reached within {timeout:.1f}s")
         time.sleep(interval)
 
 
@@ -172,11 +165,11 @@ def kill_pid(pid: int, *, grace: float = 10.0, group: bool = False) -> None:
     if not pid_alive(pid):
         return
     _signal(pid, signal.SIGTERM, group=group)
-    with contextlib.suppress(TimeoutError):
+    with contextlib.suppress(WaitTimeoutError):
         wait_for(lambda: not pid_alive(pid), grace, what=f"exit of pid {pid}")
         return
     _signal(pid, signal.SIGKILL, group=group)
-    with contextlib.suppress(TimeoutError):
+    with contextlib.suppress(WaitTimeoutError):
         wait_for(lambda: not pid_alive(pid), 5.0, what=f"exit of pid {pid}")
 
 
@@ -222,8 +215,6 @@ class ManagedProcess:
     start_timeout: float = 30.0
     #: Seconds between SIGTERM and SIGKILL.
     stop_grace: float = 10.0
-    #: Signal the whole process group (the server runs in its own session).
-    kill_group: bool = True
 
     def __init__(self, log_path: Path) -> None:
         self.log_path = Path(log_path)
@@ -250,10 +241,6 @@ class ManagedProcess:
         """Called after the main process is gone, to stop what it left behind."""
 
     # --- state --------------------------------------------------------------------------
-
-    @property
-    def popen(self) -> subprocess.Popen[bytes] | None:
-        return self._popen
 
     @property
     def pid(self) -> int | None:
@@ -297,7 +284,7 @@ class ManagedProcess:
                 _running.add(self)
             try:
                 wait_for(self._ready_or_dead, self.start_timeout, what=f"{self.name} ready")
-            except (TimeoutError, ServerStartError) as exc:
+            except (WaitTimeoutError, ServerStartError) as exc:
                 code = popen.poll()
                 self.stop()
                 state = f"exited with code {code}" if code is not None else "did not become ready"
@@ -341,15 +328,14 @@ class ManagedProcess:
                 _signal(pid, signal.SIGKILL, group=False)
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     popen.wait(5.0)
-        if self.kill_group:
-            # Children that share the session (start_new_session made pgid == pid) and
-            # outlived the leader: give them the same TERM-then-KILL treatment.
-            _signal(pid, signal.SIGTERM, group=True)
-            deadline = time.monotonic() + self.stop_grace
-            while _group_alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if _group_alive(pid):
-                _signal(pid, signal.SIGKILL, group=True)
+        # Children that share the session (start_new_session made pgid == pid) and
+        # outlived the leader: give them the same TERM-then-KILL treatment.
+        _signal(pid, signal.SIGTERM, group=True)
+        deadline = time.monotonic() + self.stop_grace
+        while _group_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _group_alive(pid):
+            _signal(pid, signal.SIGKILL, group=True)
 
     def restart(self) -> None:
         """Stop, then start again with the same ports and data."""
@@ -362,33 +348,6 @@ class ManagedProcess:
 
     async def astop(self) -> None:
         await asyncio.to_thread(self.stop)
-
-    async def arestart(self) -> None:
-        await asyncio.to_thread(self.restart)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    async def __aenter__(self) -> Self:
-        await self.astart()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.astop()
 
     def __repr__(self) -> str:
         state = f"pid={self.pid}" if self.is_running else "stopped"

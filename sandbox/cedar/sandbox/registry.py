@@ -1,7 +1,9 @@
 """A real image registry (Debian's ``docker-registry``, CNCF distribution) on 127.0.0.1.
 
-The Docker engine treats 127.0.0.0/8 registries as insecure (plain HTTP) by default, so
-no TLS or daemon configuration is needed to push to or pull from it.
+I/O: runs ``docker-registry`` as a child process, writes its config, htpasswd file and
+storage under ``base_dir``, and asks its HTTP API whether it is up. The Docker engine
+treats 127.0.0.0/8 registries as insecure (plain HTTP) by default, so no TLS or daemon
+configuration is needed to push to or pull from it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from cedar.sandbox.errors import PackageNotFoundError
 from cedar.sandbox.procs import ManagedProcess, find_binary, free_port
 
 __all__ = ["Registry", "htpasswd_line"]
@@ -25,7 +28,7 @@ def htpasswd_line(user: str, password: str, rounds: int = _BCRYPT_ROUNDS) -> str
     try:
         import bcrypt
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise RuntimeError(
+        raise PackageNotFoundError(
             "a registry with htpasswd auth needs the `bcrypt` package; run `make test`"
         ) from exc
     hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=rounds)).decode()
