@@ -3,7 +3,7 @@
 1. Choosing a free label with the pool 0%, 50% and 99% full (523,776 labels): time per
    choice. Target: < 50 µs at 99% full.
 2. Start-up rebuild of a full ledger (523,776 allocated labels): the mirror and pool built
-   from the ledger's entries (pure), and `Allocator.load()` from a real NATS KV bucket in a
+   from the ledger's entries (pure), and `Mirror.load()` from a real NATS KV bucket in a
    fresh process, as a replica starts: reading every key, from the ledger snapshot, and from
    the snapshot plus 10,000 ledger changes after it. Target: < 5 s.
 3. End to end, namespace created in the (simulated) Kubernetes API -> annotation written,
@@ -37,9 +37,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cedar.mcs_allocator.ledger import LabelEntry, LedgerView, NsEntry, label_key, ns_key
+from cedar.mcs_allocator.ledger_view import LedgerView
 from cedar.mcs_allocator.pool import Pool
 from cedar.mcs_allocator.settings import AllocatorSettings
+from cedar.proto.ledger import LabelEntry, NsEntry, label_key, ns_key
 
 TOTAL = 523_776
 
@@ -106,7 +107,7 @@ TAIL = 10_000
 
 
 async def bench_kv_load(entries: list[tuple[str, bytes, int]]) -> None:
-    """Fill a real bucket, then time `Allocator.load()` in fresh processes (as a replica
+    """Fill a real bucket, then time `Mirror.load()` in fresh processes (as a replica
     starts): reading every key, from a snapshot at the ledger's end, and from a snapshot
     with TAIL ledger changes after it."""
     import nats
@@ -202,8 +203,10 @@ async def child_load(url: str, snapshots: bool, write: bool) -> None:
 
     import nats
 
-    from cedar.mcs_allocator.app import Allocator
-    from cedar.mcs_allocator.audit import Audit
+    from cedar.mcs_allocator.ledger_store import LedgerStore
+    from cedar.mcs_allocator.ledger_stream import LedgerStream
+    from cedar.mcs_allocator.mirror import Mirror, NoSnapshots, SnapshotSource
+    from cedar.mcs_allocator.snapshot_keeper import SnapshotReader, SnapshotWriter
     from cedar.mcs_allocator.snapshot_store import SnapshotStore
     from cedar.runtime.bus import ensure_object_store
     from cedar.runtime.topology import mcs_ledger_bucket, mcs_snapshots_bucket
@@ -215,16 +218,10 @@ async def child_load(url: str, snapshots: bool, write: bool) -> None:
     kv = await js.key_value(mcs_ledger_bucket(settings).bucket)
     config = mcs_snapshots_bucket(settings)
     store = SnapshotStore(await ensure_object_store(js, config), js)
-    alloc = Allocator(
-        settings,
-        kv=kv,
-        kube=None,
-        audit=Audit(None, "bench"),
-        js=js,
-        snapshots=store if snapshots else None,
-    )
+    source: SnapshotSource = SnapshotReader(store) if snapshots else NoSnapshots()
+    mirror = Mirror(settings, LedgerStream(js), LedgerStore(kv), source)
     start = time.perf_counter()
-    await alloc.load()
+    await mirror.load()
     took = time.perf_counter() - start
     # Memory right after the load, before the fingerprint below adds its own.
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec, so it would report the
@@ -236,7 +233,7 @@ async def child_load(url: str, snapshots: bool, write: bool) -> None:
         if k in ("VmRSS", "VmHWM")
     }
     rss, peak = kib["VmRSS"] / 1024, kib["VmHWM"] / 1024
-    view = alloc.view
+    view = mirror.view
     counts = view.counts(datetime.now(UTC))
     # A fingerprint of the whole mirror, to show both ways of loading agree.
     digest = hashlib.sha256()
@@ -248,15 +245,14 @@ async def child_load(url: str, snapshots: bool, write: bool) -> None:
         "rss_mb": rss,
         "peak_rss_mb": peak,
         "seconds": took,
-        "loaded_from": alloc.loaded_from,
-        "replayed": alloc.replayed,
+        "loaded_from": mirror.loaded_from,
+        "replayed": mirror.replayed,
         "quarantined": counts["quarantined"],
         "digest": digest.hexdigest(),
     }
     if write:
-        alloc.snapshots = store
         start = time.perf_counter()
-        header = await alloc.write_snapshot()
+        header = await SnapshotWriter(mirror, store, dry_run=False).write()
         result["write_seconds"] = time.perf_counter() - start
         info = await store.stored()
         result["bytes"] = info.size if info else 0

@@ -22,8 +22,8 @@ import nats
 import pytest
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from cedar.mcs_allocator.levels import parse
 from cedar.proto import subjects
+from cedar.proto.levels import parse
 from cedar.proto.models import NamespaceEvent
 from cedar.runtime.bus import TRANSIENT_ERRORS, Bus
 from cedar.runtime.health import Health

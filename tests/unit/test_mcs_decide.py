@@ -2,13 +2,14 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from cedar.mcs_allocator import allocator as A
-from cedar.mcs_allocator.ledger import LabelEntry, LedgerView, NsEntry
-from cedar.mcs_allocator.levels import Level
+from cedar.mcs_allocator import decide as D
+from cedar.mcs_allocator.ledger_view import LedgerView
 from cedar.mcs_allocator.scope import Scope
+from cedar.proto.ledger import LabelEntry, NsEntry
+from cedar.proto.levels import Level
 
 ANN = "cedar.io/selinux-level"
-POLICY = A.Policy(Scope.of({"kube-system"}, "tier!=system"), (ANN,), 1024, 2)
+POLICY = D.Policy(Scope.of({"kube-system"}, "tier!=system"), (ANN,), 1024, 2)
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 L1, L2 = Level((5, 9)), Level((1, 2))
 
@@ -23,85 +24,87 @@ def hold(v: LedgerView, level: Level, name: str, uid: str, written: bool | None 
         v.set_ns(NsEntry(uid, name, level, written, NOW, revision=2))
 
 
-def ns(name: str = "t", uid: str = "u1", level: str | None = None, **labels: str) -> A.NsObject:
-    return A.NsObject(name, uid, labels, {ANN: level} if level else {}, "7")
+def ns(name: str = "t", uid: str = "u1", level: str | None = None, **labels: str) -> D.NsObject:
+    return D.NsObject(name, uid, labels, {ANN: level} if level else {}, "7")
 
 
 def test_new_namespace_is_allocated() -> None:
-    assert A.decide(ns(), view(), POLICY) == [A.Allocate(previous=None)]
+    assert D.decide(ns(), view(), POLICY) == [D.Allocate(previous=None)]
 
 
 def test_out_of_scope() -> None:
-    assert A.decide(ns("kube-system"), view(), POLICY) == [A.Noop("out-of-scope")]
-    assert A.decide(ns(tier="system"), view(), POLICY) == [A.Noop("out-of-scope")]
+    assert D.decide(ns("kube-system"), view(), POLICY) == [D.Noop("out-of-scope")]
+    assert D.decide(ns(tier="system"), view(), POLICY) == [D.Noop("out-of-scope")]
 
 
 def test_existing_consistent_in_any_spelling() -> None:
     v = view()
     hold(v, L1, "t", "u1")
-    assert A.decide(ns(level="s0:c5,c9"), v, POLICY) == [A.Noop("existing", L1)]
+    assert D.decide(ns(level="s0:c5,c9"), v, POLICY) == [D.Noop("existing", L1)]
     # another tool's high-to-low order is the same label, but we rewrite it canonically
-    assert A.decide(ns(level="s0:c9,c5"), v, POLICY) == [A.Write(L1, False, "s0:c9,c5")]
+    assert D.decide(ns(level="s0:c9,c5"), v, POLICY) == [D.Write(L1, False, "s0:c9,c5")]
 
 
 def test_tamper_changed_and_removed() -> None:
     v = view()
     hold(v, L1, "t", "u1")
-    assert A.decide(ns(level="s0:c1,c2"), v, POLICY) == [A.Write(L1, True, "s0:c1,c2")]
-    assert A.decide(ns(), v, POLICY) == [A.Write(L1, True, None)]
+    assert D.decide(ns(level="s0:c1,c2"), v, POLICY) == [D.Write(L1, True, "s0:c1,c2")]
+    assert D.decide(ns(), v, POLICY) == [D.Write(L1, True, None)]
 
 
 def test_interrupted_allocation_is_not_tamper() -> None:
     v = view()
     hold(v, L1, "t", "u1", written=False)
-    assert A.decide(ns(), v, POLICY) == [A.Write(L1, False, None)]
+    assert D.decide(ns(), v, POLICY) == [D.Write(L1, False, None)]
     v2 = view()
     hold(v2, L1, "t", "u1", written=None)  # claimed, never bound
-    assert A.decide(ns(), v2, POLICY) == [A.Bind(L1), A.Write(L1, False, None)]
+    assert D.decide(ns(), v2, POLICY) == [D.Bind(L1), D.Write(L1, False, None)]
 
 
 def test_adopt_and_conflict() -> None:
     v = view()
-    assert A.decide(ns(level="s0:c9,c5"), v, POLICY) == [A.Adopt(L1)]
+    assert D.decide(ns(level="s0:c9,c5"), v, POLICY) == [D.Adopt(L1)]
     hold(v, L1, "other", "u9")
-    assert A.decide(ns(level="s0:c5,c9"), v, POLICY) == [A.Conflict(L1, "u9", "other", "allocated")]
+    assert D.decide(ns(level="s0:c5,c9"), v, POLICY) == [
+        D.LevelConflict(L1, "u9", "other", "allocated")
+    ]
 
 
 def test_invalid_annotation_replaced() -> None:
-    assert A.decide(ns(level="s0:c0.c1023"), view(), POLICY) == [A.Allocate("s0:c0.c1023")]
+    assert D.decide(ns(level="s0:c0.c1023"), view(), POLICY) == [D.Allocate("s0:c0.c1023")]
 
 
 def test_deleted_releases() -> None:
     v = view()
     hold(v, L1, "t", "u1")
-    assert A.decide(ns().gone(), v, POLICY) == [A.Release("u1", "t", L1)]
-    assert A.decide(ns(uid="u2").gone(), v, POLICY) == [A.Noop("no-label")]
+    assert D.decide(ns().gone(), v, POLICY) == [D.Release("u1", "t", L1)]
+    assert D.decide(ns(uid="u2").gone(), v, POLICY) == [D.Noop("no-label")]
 
 
 def test_same_name_new_uid_releases_old_and_allocates() -> None:
     v = view()
     hold(v, L1, "t", "u1")
     # the deletion marker was overwritten by the re-creation before it was consumed
-    assert A.decide(ns(uid="u2", level="s0:c5,c9"), v, POLICY) == [
-        A.Release("u1", "t", L1),
-        A.Conflict(L1, "u1", "t", "allocated"),
+    assert D.decide(ns(uid="u2", level="s0:c5,c9"), v, POLICY) == [
+        D.Release("u1", "t", L1),
+        D.LevelConflict(L1, "u1", "t", "allocated"),
     ]
-    assert A.decide(ns(uid="u2"), v, POLICY) == [A.Release("u1", "t", L1), A.Allocate(None)]
+    assert D.decide(ns(uid="u2"), v, POLICY) == [D.Release("u1", "t", L1), D.Allocate(None)]
 
 
 def test_two_labels_for_one_uid_keeps_the_bound_one() -> None:
     v = view()
     hold(v, L1, "t", "u1")
     v.set_label(LabelEntry(L2, "allocated", "t", "u1", NOW, revision=5))
-    assert A.decide(ns(level="s0:c5,c9"), v, POLICY) == [
-        A.Drop("u1", L2),
-        A.Noop("existing", L1),
+    assert D.decide(ns(level="s0:c5,c9"), v, POLICY) == [
+        D.Drop("u1", L2),
+        D.Noop("existing", L1),
     ]
 
 
 def test_conflicts_report() -> None:
     objs = [ns("a", "1", "s0:c5,c9"), ns("b", "2", "s0:c9,c5"), ns("c", "3", "s0:c1,c2")]
-    assert list(A.conflicts(objs, POLICY)) == [L1]
+    assert list(D.conflicts(objs, POLICY)) == [L1]
 
 
 def test_view_counts_and_indexes() -> None:

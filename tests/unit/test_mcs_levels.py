@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cedar.mcs_allocator.levels import InvalidLevel, Level, canonical, from_key_token, parse
+from cedar.proto.levels import InvalidLevel, Level, canonical, from_key_token, parse
 
 
 def test_canonical_form_and_set_equality() -> None:

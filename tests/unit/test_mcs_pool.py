@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cedar.mcs_allocator.levels import Level
 from cedar.mcs_allocator.pool import Pool
+from cedar.proto.levels import Level
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from cedar.mcs_allocator.scope import InvalidSelector, parse_selector
+from cedar.mcs_allocator.errors import InvalidSelector
+from cedar.mcs_allocator.scope import parse_selector
 from cedar.mcs_allocator.settings import AllocatorSettings
 
 

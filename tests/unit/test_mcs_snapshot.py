@@ -11,9 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cedar.mcs_allocator import snapshot
-from cedar.mcs_allocator.ledger import LabelEntry, LedgerView, NsEntry, label_key, ns_key
-from cedar.mcs_allocator.levels import Level
-from cedar.mcs_allocator.snapshot import SnapshotError
+from cedar.mcs_allocator.errors import SnapshotError
+from cedar.mcs_allocator.ledger_view import LedgerView
+from cedar.proto.ledger import LabelEntry, NsEntry, label_key, ns_key
+from cedar.proto.levels import Level
 
 T0 = datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
 WEEK = 7 * 86400.0

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from cedar.ops.errors import OpsError
 from cedar.runtime.settings import CommonSettings
 
+
 def add_nats_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--nats-url",

@@ -34,7 +34,6 @@ from typing import Any
 from nats.js import JetStreamContext
 from pydantic import Field, ValidationError
 
-from cedar.mcs_allocator.ledger import LABEL_PREFIX, NS_PREFIX, LabelEntry, NsEntry
 from cedar.ops import common, natsio
 from cedar.ops.desired import (
     ImageSummary,
@@ -44,9 +43,11 @@ from cedar.ops.desired import (
     state_of,
     summarize,
 )
+from cedar.ops.errors import OpsError
 from cedar.ops.tables import render
 from cedar.ops.window import format_time
 from cedar.proto import subjects
+from cedar.proto.ledger import LABEL_PREFIX, NS_PREFIX, LabelEntry, NsEntry
 from cedar.proto.models import NodeImageStatus, WorkloadImageSet
 from cedar.runtime.durations import Duration
 from cedar.runtime.settings import CommonSettings
@@ -287,7 +288,7 @@ def main(args: argparse.Namespace) -> int:
         try:
             settings = StatusSettings(**overrides)
         except ValidationError as err:
-            raise natsio.OpsError(f"invalid settings: {err}", code=2) from err
+            raise OpsError(f"invalid settings: {err}", code=2) from err
         image = None
         if args.image:
             from cedar.proto.imageref import InvalidReference, normalize
@@ -295,7 +296,7 @@ def main(args: argparse.Namespace) -> int:
             try:
                 image = normalize(args.image)
             except InvalidReference as err:
-                raise natsio.OpsError(f"--image {args.image!r}: {err}", code=2) from err
+                raise OpsError(f"--image {args.image!r}: {err}", code=2) from err
         now = datetime.now(UTC)
         nc = await natsio.connect(settings, "cedar-status")
         try:

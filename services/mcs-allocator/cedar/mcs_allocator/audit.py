@@ -1,5 +1,8 @@
-"""The audit trail: one McsAuditRecord per claim, release, adoption, tamper and conflict,
-published to `cedar.audit.mcs.<action>` (kept by CEDAR_HISTORY for `cedar replay`)."""
+"""The audit trail: one McsAuditRecord per claim, release, adoption, tamper and conflict.
+
+I/O: publishes to `cedar.audit.mcs.<action>` on JetStream (kept by CEDAR_HISTORY for
+`cedar replay`) through cedar.runtime.bus; a record that cannot be published is logged.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +10,11 @@ import logging
 from datetime import UTC, datetime
 from typing import Literal
 
-from nats.errors import Error as NatsError
+from nats.js import JetStreamContext
 
 from cedar.proto.models import McsAuditRecord
 from cedar.proto.subjects import audit_subject
-from cedar.runtime.bus import TRANSIENT_ERRORS, Bus
+from cedar.runtime.bus import BusError, bus_errors
 
 log = logging.getLogger("cedar.mcs_allocator.audit")
 
@@ -19,10 +22,9 @@ AuditAction = Literal["claim", "release", "free", "adopt", "tamper", "conflict",
 
 
 class Audit:
-    def __init__(self, bus: Bus | None, replica: str, dry_run: bool = False) -> None:
-        self.bus = bus
+    def __init__(self, js: JetStreamContext, replica: str) -> None:
+        self.js = js
         self.replica = replica
-        self.dry_run = dry_run
 
     async def record(
         self,
@@ -39,17 +41,14 @@ class Audit:
             level=level,
             previous=previous,
             replica=self.replica,
-            dry_run=self.dry_run,
             at=datetime.now(UTC),
         )
-        if self.bus is None or self.dry_run:
-            log.info("audit %s", action, extra={"audit": record.model_dump(mode="json")})
-            return
         try:
-            await self.bus.js.publish(
-                audit_subject(action), record.model_dump_json().encode(), timeout=5
-            )
-        except (*TRANSIENT_ERRORS, NatsError) as err:
+            with bus_errors("publish an audit record"):
+                await self.js.publish(
+                    audit_subject(action), record.model_dump_json().encode(), timeout=5
+                )
+        except BusError as err:
             # The ledger, not the trail, is the truth; losing a record must not stop work.
             log.warning(
                 "cannot publish audit record (%s)",

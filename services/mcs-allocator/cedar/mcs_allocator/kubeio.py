@@ -1,4 +1,7 @@
-"""The allocator's Kubernetes calls: read, list and annotate namespaces, record Events."""
+"""The allocator's Kubernetes calls: read, list and annotate namespaces, record Events.
+
+I/O: the Kubernetes API through cedar.runtime.kube (errors arrive as `KubeError`).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
-from cedar.mcs_allocator.allocator import NsObject
+from cedar.mcs_allocator.decide import NsObject
 from cedar.mcs_allocator.metrics import PATCH_FAILURES
 from cedar.runtime.backoff import Backoff
 from cedar.runtime.kube import Conflict, KubeClient, KubeError, NotFound, resource_path
@@ -29,6 +32,8 @@ def transient(err: KubeError) -> bool:
 
 
 class NamespaceIO:
+    """Namespaces as the allocator reads and annotates them; Warning Events on them."""
+
     def __init__(self, client: KubeClient, component: str, replica: str) -> None:
         self.client = client
         self.component = component

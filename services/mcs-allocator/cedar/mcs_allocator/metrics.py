@@ -1,4 +1,8 @@
-"""The allocator's metrics. Names are public interface (dashboards, alerts): see DESIGN.md."""
+"""The allocator's metrics. Names are public interface (dashboards, alerts).
+
+docs/mcs-allocator.md lists them. Prometheus collectors in the process's default registry,
+served by cedar.runtime.http; no I/O here.
+"""
 
 from __future__ import annotations
 

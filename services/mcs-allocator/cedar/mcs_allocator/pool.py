@@ -1,4 +1,4 @@
-"""The free-label chooser (pure, no I/O).
+"""The free-label chooser. Pure: no I/O.
 
 Labels are numbered by the combinatorial number system: the k-subset
 `c1 < c2 < ... < ck` of `0..N-1` has the colex rank `C(c1,1) + C(c2,2) + ... + C(ck,k)`,
@@ -25,7 +25,7 @@ from bisect import bisect_right
 from collections.abc import Iterable
 from math import comb
 
-from cedar.mcs_allocator.levels import InvalidLevel, Level
+from cedar.proto.levels import InvalidLevel, Level
 
 BLOCK_BITS = 8
 BLOCK = 1 << BLOCK_BITS
@@ -103,13 +103,6 @@ class Pool:
         """Labels never used or fully released (quarantine-expired ones not counted)."""
         return self.total - self._taken
 
-    @property
-    def quarantined(self) -> int:
-        return len(self._quarantined)
-
-    def is_taken(self, index: int) -> bool:
-        return bool(self._masks[index >> BLOCK_BITS] >> (index & (BLOCK - 1)) & 1)
-
     def _build_tree(self) -> None:
         n = self._nblocks
         tree = [0] * (n + 1)
@@ -154,9 +147,6 @@ class Pool:
         self.take(index)
         self._quarantined[index] = released_at
         heapq.heappush(self._heap, (released_at, index))
-
-    def quarantined_at(self, index: int) -> float | None:
-        return self._quarantined.get(index)
 
     def next_quarantine_end(self, quarantine: float) -> float | None:
         """When the oldest quarantined label becomes reusable."""

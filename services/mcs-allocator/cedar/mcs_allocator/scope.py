@@ -1,4 +1,4 @@
-"""Which namespaces get a level: not excluded, and matching CEDAR_MCS_SELECTOR (pure).
+"""Which namespaces get a level: not excluded, and matching CEDAR_MCS_SELECTOR. Pure: no I/O.
 
 The selector grammar is Kubernetes' label selector: `k=v`, `k==v`, `k!=v`, `k in (a,b)`,
 `k notin (a,b)`, `k` (exists) and `!k` (does not exist), joined by commas (AND).
@@ -10,6 +10,8 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
+from cedar.mcs_allocator.errors import InvalidSelector
+
 Matcher = Callable[[Mapping[str, str]], bool]
 
 _KEY = r"[A-Za-z0-9]([-A-Za-z0-9_./]*[A-Za-z0-9])?"
@@ -17,10 +19,6 @@ _VALUE = r"([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?"
 _SET = re.compile(rf"^({_KEY})\s+(in|notin)\s+\(([^()]*)\)$")
 _EQ = re.compile(rf"^({_KEY})\s*(==|=|!=)\s*({_VALUE})$")
 _EXISTS = re.compile(rf"^(!?)\s*({_KEY})$")
-
-
-class InvalidSelector(ValueError):
-    pass
 
 
 def _split(selector: str) -> list[str]:

@@ -1,4 +1,7 @@
-"""The allocator's settings (CEDAR_MCS_*), on top of the common ones."""
+"""The allocator's settings (CEDAR_MCS_*), on top of the common ones.
+
+Read from the environment by pydantic-settings; no other I/O.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,8 @@ from datetime import timedelta
 
 from pydantic import Field, field_validator, model_validator
 
-from cedar.mcs_allocator.scope import InvalidSelector, Scope, parse_selector
+from cedar.mcs_allocator.errors import InvalidSelector
+from cedar.mcs_allocator.scope import Scope, parse_selector
 from cedar.runtime.durations import Duration
 from cedar.runtime.settings import CommonSettings
 

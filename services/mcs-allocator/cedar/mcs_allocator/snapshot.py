@@ -1,4 +1,4 @@
-"""A compact image of the ledger mirror, so that a replica starts without reading every key.
+"""A compact image of the ledger mirror, so that a replica starts fast. Pure: no I/O.
 
 A full ledger is half a million `label.*` keys and as many `ns.*` bindings; read one message
 at a time, that takes seconds per hundred thousand keys. A snapshot holds the same entries
@@ -15,8 +15,9 @@ bucket deleted and made again starts its sequences over), the entry counts, and 
 length of each body section, in the order of `_LABEL_COLUMNS` then `_NS_COLUMNS`. Integer
 arrays are little-endian.
 
-Pure: no I/O. `cedar.mcs_allocator.app` stores it in the object store bucket
-`cedar-mcs-snapshots` and decides when to write one.
+`cedar.mcs_allocator.snapshot_store` stores it in the object store bucket
+`cedar-mcs-snapshots`; `cedar.mcs_allocator.snapshot_keeper` decides when one is used and
+when a new one is written.
 """
 
 from __future__ import annotations
@@ -29,9 +30,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import pairwise
+from typing import NamedTuple
 
-from cedar.mcs_allocator.ledger import LabelEntry, LedgerView, NsEntry
-from cedar.mcs_allocator.levels import Level
+from cedar.mcs_allocator.errors import SnapshotError
+from cedar.mcs_allocator.ledger_view import LedgerView
+from cedar.proto.ledger import LabelEntry, NsEntry
+from cedar.proto.levels import Level
 
 FORMAT = 1
 MAGIC = b"CEDAR-MCS-LEDGER-SNAPSHOT\n"
@@ -54,10 +58,6 @@ _LABEL_COLUMNS = (
 _NS_COLUMNS = ("refs", "written", "at", "revisions", "widths", "categories", "namespaces", "uids")
 
 
-class SnapshotError(ValueError):
-    """Not a snapshot this version can read, or an entry it cannot hold."""
-
-
 @dataclass(frozen=True)
 class Header:
     seq: int  # the ledger stream sequence the image reflects
@@ -66,6 +66,14 @@ class Header:
     bindings: int
     written_at: str
     replica: str
+
+
+class Image(NamedTuple):
+    """A decoded snapshot: its header and every entry."""
+
+    header: Header
+    labels: list[LabelEntry]
+    bindings: list[NsEntry]
 
 
 # -- columns -------------------------------------------------------------------------------
@@ -236,7 +244,7 @@ def _header(head: dict[str, object]) -> Header:
         raise SnapshotError(f"incomplete header: {err}") from err
 
 
-def decode(data: bytes) -> tuple[Header, list[LabelEntry], list[NsEntry]]:
+def decode(data: bytes) -> Image:
     """The header and every entry of a snapshot; raises SnapshotError."""
     head, compressed = _split(data)
     header = _header(head)
@@ -260,7 +268,7 @@ def decode(data: bytes) -> tuple[Header, list[LabelEntry], list[NsEntry]]:
         parts.append(whole[pos : pos + size])
         pos += size
     labels = _labels(parts[: len(_LABEL_COLUMNS)], header.labels, [str(r) for r in replicas])
-    return header, labels, _bindings(parts[len(_LABEL_COLUMNS) :], header.bindings, labels)
+    return Image(header, labels, _bindings(parts[len(_LABEL_COLUMNS) :], header.bindings, labels))
 
 
 def _times(raw: memoryview, count: int, what: str) -> list[datetime]:

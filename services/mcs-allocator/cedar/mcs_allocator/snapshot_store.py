@@ -5,6 +5,9 @@ can tell whether a new snapshot is due without downloading the current one. Chun
 with `read_to_end` (nats-py's `ObjectStore.get` concatenates chunk by chunk, quadratic in the
 size, and waits forever if a concurrent write has purged the chunks it was about to read);
 the size and SHA-256 digest are checked as `get` would.
+
+I/O: the object store bucket and its stream through nats-py; its errors leave as
+`BusError` or `BusUnavailable` (`cedar.runtime.bus.bus_errors`).
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ from nats.js.api import ObjectMeta, ObjectMetaOptions
 from nats.js.errors import ObjectNotFoundError
 from nats.js.object_store import OBJ_CHUNKS_PRE_TEMPLATE, OBJ_STREAM_TEMPLATE, ObjectStore
 
+from cedar.mcs_allocator.errors import SnapshotUnavailable
 from cedar.mcs_allocator.snapshot import Header
 from cedar.proto import subjects
-from cedar.runtime.bus import StalledRead, read_to_end
+from cedar.runtime.bus import bus_errors, read_to_end
+from cedar.runtime.errors import StalledRead
 
 log = logging.getLogger("cedar.mcs_allocator.snapshot")
 
@@ -32,10 +37,6 @@ WRITTEN_HEADER = "Cedar-Written-At"
 CHUNK_SIZE = 512 * 1024  # under NATS's default 1 MiB max_payload
 READ_STALL = 5.0
 _DIGEST = "SHA-256="
-
-
-class SnapshotUnavailable(Exception):
-    """The stored snapshot could not be read whole (changing under us, or damaged)."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,8 @@ def _first(headers: dict[str, object], name: str) -> str | None:
 
 
 class SnapshotStore:
+    """The stored snapshot: its headers, its bytes, its replacement, and leftover chunks."""
+
     def __init__(self, store: ObjectStore, js: JetStreamContext) -> None:
         self.store = store
         self.js = js
@@ -65,10 +68,11 @@ class SnapshotStore:
 
     async def stored(self) -> Stored | None:
         """The current snapshot's headers; None if there is none (or no readable headers)."""
-        try:
-            info = await self.store.get_info(self.name)
-        except ObjectNotFoundError:
-            return None
+        with bus_errors("read the ledger snapshot's headers"):
+            try:
+                info = await self.store.get_info(self.name)
+            except ObjectNotFoundError:
+                return None
         headers = info.headers or {}
         seq, created = _first(headers, SEQ_HEADER), _first(headers, STREAM_HEADER)
         if seq is None or created is None or not seq.isdigit():
@@ -83,15 +87,17 @@ class SnapshotStore:
     async def read(self) -> bytes | None:
         """The current snapshot's bytes; None if there is none. Raises SnapshotUnavailable."""
         for attempt in (1, 2):
-            try:
-                info = await self.store.get_info(self.name)
-            except ObjectNotFoundError:
-                return None
+            with bus_errors("read the ledger snapshot's headers"):
+                try:
+                    info = await self.store.get_info(self.name)
+                except ObjectNotFoundError:
+                    return None
             if not info.nuid or not info.size:
                 raise SnapshotUnavailable("the object has no content")
             chunks = OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=self.bucket, obj=info.nuid)
             try:
-                msgs = await read_to_end(self.js, self.stream, chunks, stall=READ_STALL)
+                with bus_errors("read the ledger snapshot"):
+                    msgs = await read_to_end(self.js, self.stream, chunks, stall=READ_STALL)
             except StalledRead:
                 # A replica wrote a newer snapshot and purged these chunks: read that one.
                 log.info("snapshot changed while being read (attempt %d)", attempt)
@@ -112,17 +118,19 @@ class SnapshotStore:
         write in progress, or one that lost a race (two writers at once each purge only
         the chunks they saw as current, so the loser's stay behind)."""
         prefix = OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=self.bucket, obj="")
-        info = await self.js.stream_info(self.stream, subjects_filter=prefix + ">")
-        found = {subject[len(prefix) :] for subject in (info.state.subjects or {})}
-        try:
-            current = (await self.store.get_info(self.name)).nuid
-        except ObjectNotFoundError:
-            current = None
+        with bus_errors("list the ledger snapshot's chunks"):
+            info = await self.js.stream_info(self.stream, subjects_filter=prefix + ">")
+            found = {subject[len(prefix) :] for subject in (info.state.subjects or {})}
+            try:
+                current = (await self.store.get_info(self.name)).nuid
+            except ObjectNotFoundError:
+                current = None
         return found - {current}
 
     async def purge(self, nuid: str) -> None:
         subject = OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=self.bucket, obj=nuid)
-        await self.js.purge_stream(self.stream, subject=subject)
+        with bus_errors("purge abandoned ledger snapshot chunks"):
+            await self.js.purge_stream(self.stream, subject=subject)
 
     async def write(self, data: bytes, header: Header) -> None:
         """Replace the stored snapshot (the old chunks are purged once the new are in)."""
@@ -139,4 +147,5 @@ class SnapshotStore:
             },
             options=ObjectMetaOptions(max_chunk_size=CHUNK_SIZE),
         )
-        await self.store.put(self.name, data, meta=meta)
+        with bus_errors("write the ledger snapshot"):
+            await self.store.put(self.name, data, meta=meta)

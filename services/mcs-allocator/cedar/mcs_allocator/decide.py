@@ -1,8 +1,8 @@
-"""What to do about one namespace, given the ledger (pure: no I/O).
+"""What to do about one namespace, given the ledger mirror. Pure: no I/O.
 
 `decide` turns a namespace's observed state and the ledger mirror into a list of actions;
-the service executes them with compare-and-set writes and, when one loses a race, reads
-the keys involved again and decides anew. A namespace is identified by its uid.
+`cedar.mcs_allocator.handler` executes them with compare-and-set writes and, when one loses
+a race, reads the keys involved again and decides anew. A namespace is identified by its uid.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from cedar.mcs_allocator.ledger import LedgerView
-from cedar.mcs_allocator.levels import Level, try_parse
+from cedar.mcs_allocator.ledger_view import LedgerView
 from cedar.mcs_allocator.scope import Scope
+from cedar.proto.levels import Level, try_parse
 from cedar.proto.models import NamespaceEvent
 
 
@@ -117,7 +117,7 @@ class Adopt:
 
 
 @dataclass(frozen=True)
-class Conflict:
+class LevelConflict:
     """The annotation names a label the ledger gives to someone else: report, never reassign."""
 
     level: Level
@@ -126,7 +126,9 @@ class Conflict:
     owner_state: str
 
 
-Action = Noop | Release | Drop | Unbind | Allocate | Bind | Write | MarkWritten | Adopt | Conflict
+Action = (
+    Noop | Release | Drop | Unbind | Allocate | Bind | Write | MarkWritten | Adopt | LevelConflict
+)
 
 # Actions that write to the namespace or claim for it: taken only on a fresh read. A new
 # namespace's allocation is taken on the event alone when it carries a resourceVersion: the
@@ -194,7 +196,7 @@ def decide(obj: NsObject, view: LedgerView, policy: Policy) -> list[Action]:
         if owner is None:
             actions.append(Adopt(current))
         else:
-            actions.append(Conflict(current, owner.uid, owner.namespace, owner.state))
+            actions.append(LevelConflict(current, owner.uid, owner.namespace, owner.state))
         return actions
     actions.append(Allocate(previous=text))
     return actions

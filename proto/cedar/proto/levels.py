@@ -1,4 +1,4 @@
-"""SELinux MCS levels as Cedar hands them out: `s0:cA,cB` (or `s0:cA,cB,cC`).
+"""SELinux MCS levels as Cedar hands them out, `s0:cA,cB` (or `s0:cA,cB,cC`). Pure: no I/O.
 
 A level is a sensitivity (always `s0` here) and a set of categories. Two spellings of the
 same set are the same label, so levels are compared through `Level`, which holds the
@@ -7,6 +7,9 @@ categories sorted; `str(level)` is the canonical spelling, lowest category first
 Refused: out-of-range categories, ranges (`c0.c1023`, `s0-s0:c1`), a bare `s0`, repeated
 categories (`c5,c5` is the one-category label `c5`, which this pool never hands out), and a
 category count other than the pool's categories-per-label.
+
+Part of the contracts: the allocator hands levels out, `cedar status` reads them back from
+the ledger (`cedar.proto.ledger`).
 """
 
 from __future__ import annotations
