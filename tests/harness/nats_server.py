@@ -11,8 +11,8 @@ from typing import TypeVar
 import nats
 import pytest
 
-from cedar.sandbox.nats import NatsServer
 from cedar.sandbox.errors import BinaryNotFoundError, ServerStartError
+from cedar.sandbox.nats import NatsServer
 from cedar.sandbox.procs import ManagedProcess
 
 __all__ = ["fresh_nats", "nats_server", "nats_url", "start_or_fail"]

@@ -43,22 +43,19 @@ def test_nats_being_away_becomes_bus_unavailable(raised: Exception) -> None:
 
 def test_a_refused_request_becomes_bus_error_not_unavailable() -> None:
     refused = BadRequestError(code=400, err_code=10058, description="stream name in use")
-    with pytest.raises(BusError) as info:
-        with bus_errors("creating a stream"):
-            raise refused
+    with pytest.raises(BusError) as info, bus_errors("creating a stream"):
+        raise refused
     assert not isinstance(info.value, BusUnavailable)
     assert "creating a stream" in str(info.value)
 
 
 def test_cedar_errors_and_other_exceptions_pass_through_unchanged() -> None:
     own = StalledRead("stalled")
-    with pytest.raises(StalledRead) as info:
-        with bus_errors("reading"):
-            raise own
+    with pytest.raises(StalledRead) as info, bus_errors("reading"):
+        raise own
     assert info.value is own
-    with pytest.raises(KeyError):
-        with bus_errors("reading"):
-            raise KeyError("not a NATS error")
+    with pytest.raises(KeyError), bus_errors("reading"):
+        raise KeyError("not a NATS error")
 
 
 def test_the_tree_has_one_root() -> None:
