@@ -34,9 +34,9 @@ from cedar.runtime.kube import load_config
     ],
 )
 def test_nats_being_away_becomes_bus_unavailable(raised: Exception) -> None:
-    with pytest.raises(BusUnavailable, match="publishing status: NATS is unavailable") as info:
-        with bus_errors("publishing status"):
-            raise raised
+    expected = pytest.raises(BusUnavailable, match="publishing status: NATS is unavailable")
+    with expected as info, bus_errors("publishing status"):
+        raise raised
     assert info.value.__cause__ is raised
     assert isinstance(info.value, ConnectionError)
 
