@@ -351,6 +351,10 @@ async def test_tamper_delete_recreate(
     assert replicas.metric(0, "cedar_mcs_tamper_total") == 2
     event = events(kube_api, "MCSLevelTampered")[0]
     assert event["type"] == "Warning" and event["involvedObject"]["name"] == "tenant-a"
+    # A Namespace is cluster-scoped: the real API takes its Events only in `default`
+    # (kubernetes/kubernetes pkg/apis/core/validation/events.go, legacyValidateEvent).
+    assert event["metadata"]["namespace"] == "default"
+    assert "namespace" not in event["involvedObject"]
     assert "s0:c1,c2" in replicas.log(0)  # the old value is logged
 
     # Deleted and re-created under the same name at once (the deletion marker is overwritten

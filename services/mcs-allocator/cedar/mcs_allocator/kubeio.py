@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 from cedar.mcs_allocator.decide import NsObject
 from cedar.mcs_allocator.metrics import PATCH_FAILURES
+from cedar.proto.events import core_event
 from cedar.runtime.backoff import Backoff
 from cedar.runtime.kube import Conflict, KubeClient, KubeError, NotFound, resource_path
 
@@ -94,32 +94,18 @@ class NamespaceIO:
                 await asyncio.sleep(delay)
 
     async def warn(self, obj: NsObject, reason: str, message: str) -> None:
-        """A Warning Event on the namespace; failures are logged, never fatal."""
-        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        event = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {
-                "name": f"{obj.name}.{uuid.uuid4().hex[:16]}",
-                "namespace": obj.name,
-            },
-            "involvedObject": {
-                "apiVersion": "v1",
-                "kind": "Namespace",
-                "name": obj.name,
-                "uid": obj.uid,
-            },
-            "reason": reason,
-            "message": message,
-            "type": "Warning",
-            "source": {"component": self.component},
-            "reportingComponent": self.component,
-            "reportingInstance": self.replica,
-            "firstTimestamp": now,
-            "lastTimestamp": now,
-            "count": 1,
-        }
+        """A Warning Event on the namespace (so in `default`, as the API requires for a
+        cluster-scoped object); failures are logged, never fatal."""
+        event = core_event(
+            {"apiVersion": "v1", "kind": "Namespace", "name": obj.name, "uid": obj.uid},
+            reason=reason,
+            message=message,
+            event_type="Warning",
+            component=self.component,
+            instance=self.replica,
+            now=datetime.now(UTC),
+        )
         try:
-            await self.client.create(resource_path("Event", obj.name), event)
+            await self.client.create(resource_path("Event", event["metadata"]["namespace"]), event)
         except KubeError as err:
             log.warning("cannot record Event %s on %s: %s", reason, obj.name, err)
