@@ -121,7 +121,7 @@ def test_field_selector_and_patches() -> None:
 
 def test_control_errors_are_sandbox_errors(kube_api: KubeAPI) -> None:
     with pytest.raises(UnknownResourceError) as unknown:
-        kube_api.resource("pods")
+        kube_api.resource("widgets")
     assert isinstance(unknown.value, KeyError) and isinstance(unknown.value, SandboxError)
     kube_api.create(deployment("web"))
     with pytest.raises(ApiError) as exists:
@@ -345,27 +345,30 @@ def test_delete_namespace_removes_its_objects(kube_api: KubeAPI, core: CoreV1Api
     kube_api.create(replicaset("web-1", "tenant-a"))
     kube_api.create(replicaset("keep", "tenant-b"))
     core.delete_namespace("tenant-a")
-    assert kube_api.get("namespaces", None, "tenant-a") is None
+    # Terminating first; the namespace controller empties and removes it (see
+    # tests/integration/test_kube_fidelity.py for the whole sequence).
+    kube_api.wait_gone("namespaces", None, "tenant-a")
     assert kube_api.list("deployments") == []
     assert [rs["metadata"]["name"] for rs in kube_api.list("replicasets")] == ["keep"]
 
 
 def test_create_event(kube_api: KubeAPI, core: CoreV1Api) -> None:
+    # An Event about a Namespace (cluster-scoped) lives in `default`.
     event = {
-        "metadata": {"generateName": "tenant-a.", "namespace": "tenant-a"},
+        "metadata": {"generateName": "tenant-a.", "namespace": "default"},
         "involvedObject": {"kind": "Namespace", "name": "tenant-a", "apiVersion": "v1"},
         "reason": "MCSLabelRestored",
         "message": "annotation tampered with; restored s0:c1,c2",
         "type": "Warning",
         "source": {"component": "cedar-mcs-allocator"},
     }
-    created = core.create_namespaced_event("tenant-a", event)
+    created = core.create_namespaced_event("default", event)
     assert created.metadata.name.startswith("tenant-a.")
-    recorded = kube_api.events_for("tenant-a")
+    recorded = kube_api.events_for("default")
     assert [e["reason"] for e in recorded] == ["MCSLabelRestored"]
-    assert kube_api.events_for("elsewhere") == []
+    assert kube_api.events_for("tenant-a") == []
     found = core.list_namespaced_event(
-        "tenant-a", field_selector="involvedObject.name=tenant-a,reason=MCSLabelRestored"
+        "default", field_selector="involvedObject.name=tenant-a,reason=MCSLabelRestored"
     )
     assert len(found.items) == 1
 

@@ -357,10 +357,13 @@ async def test_tamper_delete_recreate(
     assert "namespace" not in event["involvedObject"]
     assert "s0:c1,c2" in replicas.log(0)  # the old value is logged
 
-    # Deleted and re-created under the same name at once (the deletion marker is overwritten
-    # in CEDAR_NAMESPACES before it is consumed): a new label; the old one is quarantined.
+    # Deleted and re-created under the same name as soon as the API allows it (a namespace
+    # is Terminating until its finalizer is done; a create before that is 409 AlreadyExists,
+    # staging/src/k8s.io/apiserver/pkg/registry/generic/registry/store.go): a new label; the old one
+    # is quarantined.
     old_uid = uid_of(kube_api, "tenant-a")
     kube_api.delete("namespaces", None, "tenant-a")
+    await kube_api.await_gone("namespaces", None, "tenant-a")
     kube_api.create(namespace("tenant-a"))
     new_uid = uid_of(kube_api, "tenant-a")
 
@@ -477,6 +480,8 @@ async def test_repair_adopts_restores_releases_and_reports_conflicts(
     replicas.stop()
 
     kube_api.delete("namespaces", None, "soon-gone")
+    # Gone for good before the replica lists (until then it is Terminating, still listed).
+    await kube_api.await_gone("namespaces", None, "soon-gone")
     kube_api.create(
         {**namespace("adoptee"), "metadata": {"name": "adoptee", "annotations": {ANN: "s0:c9,c5"}}}
     )

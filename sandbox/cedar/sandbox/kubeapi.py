@@ -6,11 +6,16 @@ official `kubernetes` client and raw aiohttp clients run unchanged against it. T
 methods (`create`, `expire_watches`, `forbid`, ...) are plain thread-safe calls, usable from
 sync tests, async tests and service threads.
 
+The controllers of a real control plane that Cedar depends on run beside it
+(kubeapi_controllers.py): namespace deletion, node lifecycle taints, and, when asked for,
+the Deployment controller. docs/operations.md says what the sandbox's API supports and
+what it does not.
+
 I/O: through its parts, a TCP port and the kubeconfig file. `KubeAPI` only puts them together
 and resolves the loose resource names tests use: the server's thread and socket
 (kubeapi_server.py), the HTTP handlers (kubeapi_http.py), the state (kubeapi_store.py, with
 the rules for one object in kubeapi_objects.py and for selectors and patches in
-kubeapi_ops.py) and the test controls (kubeapi_controls.py).
+kubeapi_ops.py), the controllers and the test controls (kubeapi_controls.py).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from cedar.sandbox.errors import ApiError, WaitTimeoutError
+from cedar.sandbox.kubeapi_controllers import Controllers, Timings
 from cedar.sandbox.kubeapi_controls import Controls
 from cedar.sandbox.kubeapi_http import ApiHandler
 from cedar.sandbox.kubeapi_ops import (
@@ -37,14 +43,25 @@ from cedar.sandbox.kubeapi_ops import (
 from cedar.sandbox.kubeapi_server import ServerThread, write_kubeconfig
 from cedar.sandbox.kubeapi_store import Store
 
-__all__ = ["KubeAPI"]
+__all__ = ["SYSTEM_NAMESPACES", "KubeAPI"]
+
+SYSTEM_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
 
 
 class KubeAPI:
     """The simulated API server plus its test-control surface.
 
     `bookmark_interval` is how often a watch that allows bookmarks gets one (seconds);
-    `history_limit` is how many events per resource a watch can resume across.
+    `history_limit` is how many events per resource a watch can resume across;
+    `watch_delay` is how long after a write its watch event is delivered (never 0 on a
+    real server; 0 only for a test that must not have it). The controllers' timings:
+    `namespace_delay` before a deleted Namespace's content and then itself go,
+    `node_startup_grace` and `node_monitor_grace` before a Node nobody heartbeats turns
+    Ready=Unknown and unreachable; `deployment_controller` runs the Deployment controller
+    (off for tests that write a Deployment's ReplicaSets themselves);
+    `require_namespaces` refuses objects in a namespace that does not exist, as the real
+    NamespaceLifecycle admission does (off for tests that skip creating namespaces), and
+    with it the server's own namespaces exist from the start (`SYSTEM_NAMESPACES`).
     """
 
     def __init__(
@@ -55,12 +72,36 @@ class KubeAPI:
         bookmark_interval: float = 60.0,
         history_limit: int = 10_000,
         resources: Iterable[ResourceType] = RESOURCES,
+        watch_delay: float = 0.02,
+        namespace_delay: float = 1.0,
+        node_startup_grace: float = 60.0,
+        node_monitor_grace: float = 50.0,
+        deployment_controller: bool = False,
+        require_namespaces: bool = False,
     ) -> None:
         self.table = ResourceTable(resources)
         self._controls = Controls()
         self._server = ServerThread(host, port)
-        self.store = Store(self.table, history_limit=history_limit, on_change=self._server.notify)
+        self.store = Store(
+            self.table,
+            history_limit=history_limit,
+            on_change=self._server.notify,
+            watch_delay=watch_delay,
+            require_namespaces=require_namespaces,
+        )
         self._http = ApiHandler(self.table, self.store, self._controls, bookmark_interval)
+        timings = Timings(
+            namespace_delay=namespace_delay,
+            node_startup_grace=node_startup_grace,
+            node_monitor_grace=node_monitor_grace,
+            deployment_controller=deployment_controller,
+        )
+        self._controllers = Controllers(self.table, self.store, timings)
+        if require_namespaces:
+            # The namespaces the real API server creates itself at start-up
+            # (pkg/controlplane/controller/systemnamespaces).
+            for name in SYSTEM_NAMESPACES:
+                self.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
 
     # ================================================================ lifecycle
 
@@ -82,7 +123,7 @@ class KubeAPI:
         return self._server.running
 
     def start(self) -> KubeAPI:
-        self._server.start(self._http.handle)
+        self._server.start(self._http.handle, self._controllers.run)
         return self
 
     def stop(self) -> None:
@@ -153,7 +194,28 @@ class KubeAPI:
         return self.store.patch(self.resource(kind_or_plural), namespace, name, content_type, patch)
 
     def delete(self, kind_or_plural: str, namespace: str | None, name: str) -> JsonObj:
+        """Delete; a Namespace only turns Terminating here (see `wait_gone`)."""
         return self.store.delete(self.resource(kind_or_plural), namespace, name)
+
+    def wait_gone(
+        self, kind_or_plural: str, namespace: str | None, name: str, timeout: float = 10.0
+    ) -> None:
+        """Block until the object no longer exists (a deleted Namespace: its controller)."""
+        deadline = time.monotonic() + timeout
+        while self.get(kind_or_plural, namespace, name) is not None:
+            if time.monotonic() > deadline:
+                raise WaitTimeoutError(f"{kind_or_plural} {namespace}/{name} still exists")
+            time.sleep(0.01)
+
+    async def await_gone(
+        self, kind_or_plural: str, namespace: str | None, name: str, within: float = 10.0
+    ) -> None:
+        """`wait_gone` for async tests: yields to the caller's event loop."""
+        deadline = time.monotonic() + within
+        while self.get(kind_or_plural, namespace, name) is not None:
+            if time.monotonic() > deadline:
+                raise WaitTimeoutError(f"{kind_or_plural} {namespace}/{name} still exists")
+            await asyncio.sleep(0.01)
 
     def get(self, kind_or_plural: str, namespace: str | None, name: str) -> JsonObj | None:
         try:

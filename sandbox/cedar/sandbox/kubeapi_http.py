@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import math
+import time
 from typing import Any
 
 from aiohttp import web
@@ -21,17 +22,30 @@ from aiohttp import web
 from cedar.sandbox.errors import ApiError
 from cedar.sandbox.kubeapi_controls import Controls
 from cedar.sandbox.kubeapi_objects import dump
+from cedar.sandbox.kubeapi_openapi import document, index
 from cedar.sandbox.kubeapi_ops import (
+    MERGE_PATCH,
     JsonObj,
     ResourceTable,
     ResourceType,
     WatchFilter,
+    apply_patch,
     parse_field_selector,
     parse_label_selector,
+)
+from cedar.sandbox.kubeapi_requests import (
+    accepts_json,
+    check_query,
+    decode_body,
+    scaled_replicas,
+    strict_error,
+    to_scale,
+    unknown_fields,
 )
 from cedar.sandbox.kubeapi_routes import Route, is_true, route, verb_of
 from cedar.sandbox.kubeapi_server import OpenWatch, Serving
 from cedar.sandbox.kubeapi_store import Store
+from cedar.sandbox.kubeapi_tables import table, wants_table
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +63,14 @@ class ApiHandler:
 
     async def handle(self, serving: Serving, request: web.Request) -> web.StreamResponse:
         try:
+            if not accepts_json(request.headers.get("Accept", "")):
+                raise ApiError(
+                    406,
+                    "NotAcceptable",
+                    "the sandbox's simulated API answers in application/json only",
+                )
+            if request.path.startswith("/openapi/"):
+                return self._openapi(request)
             found = route(self.table, request.path)
             if isinstance(found, dict):
                 if request.method != "GET":
@@ -63,10 +85,26 @@ class ApiHandler:
             log.exception("simulated Kubernetes API failed on %s %s", request.method, request.path)
             return _json(dump(ApiError(500, "InternalError", repr(e)).status()), 500)
 
+    def _openapi(self, request: web.Request) -> web.Response:
+        if request.method != "GET":
+            raise ApiError(405, "MethodNotAllowed", "the OpenAPI documents are read-only")
+        path = request.path.rstrip("/")
+        if path == "/openapi/v3":
+            return _json(dump(index(self.table)))
+        if path.startswith("/openapi/v3/"):
+            return _json(dump(document(self.table, path.removeprefix("/openapi/v3/"))))
+        raise ApiError(
+            404,
+            "NotFound",
+            f"{path} is not served by the sandbox's simulated API (it serves /openapi/v3)",
+        )
+
     async def _dispatch(
         self, serving: Serving, request: web.Request, found: Route, verb: str
     ) -> web.StreamResponse:
         res, ns, name, store = found.res, found.namespace, found.name, self.store
+        if found.subresource == "scale":
+            return await self._scale(request, found, verb)
         if verb in ("list", "watch"):
             query = request.query
             fields = query.get("fieldSelector")
@@ -83,22 +121,38 @@ class ApiHandler:
             body = store.list_page(
                 res, flt, limit=limit or None, continue_token=query.get("continue") or None
             )
+            if wants_table(request.headers.get("Accept", "")):
+                page = json.loads(body)
+                return _json(dump(table(res.kind, page["items"], page["metadata"])))
             return _json(body)
         assert name is not None or verb == "create"
         if verb == "get":
             assert name is not None
+            if wants_table(request.headers.get("Accept", "")):
+                one = store.get(res, ns, name)
+                meta = {"resourceVersion": one["metadata"]["resourceVersion"]}
+                return _json(dump(table(res.kind, [one], meta)))
             return _json(store.get_raw(res, ns, name))
         if verb == "delete":
             assert name is not None
             deleted = store.delete(res, ns, name)
+            if res.kind == "Namespace":  # the Namespace REST returns it, now Terminating
+                return _json(dump(deleted))
             return _json(dump(_success(res, deleted)))
-        body = await _read_json(request)
+        directive = check_query(request.query)
+        body = decode_body(await request.read(), request.headers.get("Content-Type", ""), verb)
+        headers: dict[str, str] = {}
+        problems = [] if verb == "patch" or directive == "Ignore" else unknown_fields(res, body)
+        if problems and directive == "Strict":
+            raise strict_error(problems)
+        if problems:
+            headers["Warning"] = ", ".join(f'299 - "{p}"' for p in problems)
         if verb == "create":
             if res.namespaced and ns is None:
                 raise ApiError(405, "MethodNotAllowed", "create namespaced objects in a namespace")
             if not isinstance(body, dict):
                 raise ApiError(400, "BadRequest", "the body must be an object")
-            return _json(dump(store.create(res, body, ns)), 201)
+            return _json(dump(store.create(res, body, ns)), 201, headers)
         assert name is not None
         if verb == "update":
             if not isinstance(body, dict):
@@ -107,7 +161,28 @@ class ApiHandler:
         else:
             content_type = request.headers.get("Content-Type", "")
             result = store.patch(res, ns, name, content_type, body, subresource=found.subresource)
-        return _json(dump(result))
+        return _json(dump(result), 200, headers)
+
+    async def _scale(self, request: web.Request, found: Route, verb: str) -> web.Response:
+        """GET, PUT and PATCH of a workload's autoscaling/v1 Scale."""
+        res, ns, name, store = found.res, found.namespace, found.name, self.store
+        assert name is not None
+        current = store.get(res, ns, name)
+        if verb == "get":
+            return _json(dump(to_scale(current)))
+        if verb not in ("update", "patch"):
+            raise ApiError(405, "MethodNotAllowed", f"{verb} is not supported on /scale")
+        check_query(request.query)
+        content_type = request.headers.get("Content-Type", "")
+        body = decode_body(await request.read(), content_type, verb)
+        scale = to_scale(current)
+        wanted = body if verb == "update" else apply_patch(scale, content_type, body)
+        sent_rv = ((wanted or {}).get("metadata") or {}).get("resourceVersion")
+        write: JsonObj = {"spec": {"replicas": scaled_replicas(wanted)}}
+        if sent_rv:
+            write["metadata"] = {"resourceVersion": sent_rv}
+        updated = store.patch(res, ns, name, MERGE_PATCH, write)
+        return _json(dump(to_scale(updated)))
 
     async def _watch(
         self, serving: Serving, request: web.Request, res: ResourceType, flt: WatchFilter
@@ -145,7 +220,7 @@ class ApiHandler:
                     status = _expired_status(f"too old resource version: {since}")
                     await response.write(b'{"type":"ERROR","object":' + dump(status) + b"}\n")
                     break
-                lines, since = got
+                lines, since, due = got
                 if lines:
                     await response.write(b"".join(lines))
                 now = loop.time()
@@ -155,6 +230,8 @@ class ApiHandler:
                     await response.write(_bookmark(res, since))
                     next_bookmark = now + self.bookmark_interval
                 wait = min(deadline, next_bookmark if bookmarks else math.inf) - now
+                if due is not None:  # held-back events: look again when they are due
+                    wait = min(wait, max(due - time.monotonic(), 0.0))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wakeup.wait(), None if math.isinf(wait) else wait)
         except (ConnectionError, RuntimeError):
@@ -170,8 +247,8 @@ class ApiHandler:
         return response
 
 
-def _json(body: bytes, status: int = 200) -> web.Response:
-    return web.Response(body=body, status=status, content_type="application/json")
+def _json(body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=body, status=status, content_type="application/json", headers=headers)
 
 
 def _int_param(query: Any, name: str) -> int | None:
@@ -182,14 +259,6 @@ def _int_param(query: Any, name: str) -> int | None:
         return int(value)
     except ValueError:
         raise ApiError(400, "BadRequest", f"invalid {name} {value!r}") from None
-
-
-async def _read_json(request: web.Request) -> Any:
-    raw = await request.read()
-    try:
-        return json.loads(raw) if raw else None
-    except ValueError:
-        raise ApiError(400, "BadRequest", "the body is not valid JSON") from None
 
 
 def _expired_status(message: str) -> JsonObj:

@@ -1,9 +1,11 @@
 """Pure rules of the simulated Kubernetes API for one object: defaults, writes, JSON encoding.
 
 What the real API server fills in on create (name from generateName, namespace, uid,
-creationTimestamp, generation, a Namespace's finalizer and phase) and what it keeps on an
+creationTimestamp, generation, a Namespace's finalizer and phase, the defaults of
+kubeapi_defaults.py), what it validates (kubeapi_validation.py) and what it keeps on an
 update (immutable metadata, the status behind a /status subresource, the resourceVersion
-precondition, the generation bump). No I/O and no state.
+precondition, the generation bump: on a spec change, and for a Deployment on an annotation
+change too, pkg/registry/apps/deployment/strategy.go PrepareForUpdate). No I/O and no state.
 """
 
 from __future__ import annotations
@@ -16,9 +18,21 @@ import uuid
 from typing import Any
 
 from cedar.sandbox.errors import ApiError
+from cedar.sandbox.kubeapi_defaults import apply_defaults
 from cedar.sandbox.kubeapi_ops import JsonObj, ResourceType
+from cedar.sandbox.kubeapi_validation import event_errors, invalid, metadata_errors
 
-_IMMUTABLE_METADATA = ("name", "namespace", "uid", "creationTimestamp", "generation")
+_IMMUTABLE_METADATA = (
+    "name",
+    "namespace",
+    "uid",
+    "creationTimestamp",
+    "generation",
+    "deletionTimestamp",
+    "deletionGracePeriodSeconds",
+)
+
+NOT_READY = "node.kubernetes.io/not-ready"
 
 _encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, check_circular=False)
 
@@ -32,8 +46,48 @@ def clone(obj: Any) -> Any:
     return json.loads(_encoder.encode(obj))
 
 
-def _now() -> str:
+def now() -> str:
+    """A timestamp as the API writes them (RFC 3339, seconds)."""
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def qualified_resource(res: ResourceType) -> str:
+    """`deployments.apps`, `namespaces`: how the real server names a resource in messages."""
+    return f"{res.plural}.{res.group}" if res.group else res.plural
+
+
+def namespace_terminating(res: ResourceType, name: str, namespace: str) -> ApiError:
+    """The NamespaceLifecycle admission's 403 for a create in a namespace being deleted."""
+    message = (
+        f"unable to create new content in namespace {namespace} because it is being terminated"
+    )
+    return ApiError(
+        403,
+        "Forbidden",
+        f'{qualified_resource(res)} "{name}" is forbidden: {message}',
+        {
+            "name": name,
+            "group": res.group,
+            "kind": res.plural,
+            "causes": [
+                {
+                    "reason": "NamespaceTerminating",
+                    "message": f"namespace {namespace} is being terminated",
+                    "field": "metadata.namespace",
+                }
+            ],
+        },
+    )
+
+
+def validate(res: ResourceType, obj: JsonObj) -> None:
+    """Raise the real server's `422 Invalid` for what it would refuse in `obj`."""
+    errors = metadata_errors(obj.get("metadata") or {})
+    if res.kind == "Event":
+        errors += event_errors(res.api_version, obj)
+    if errors:
+        name = (obj.get("metadata") or {}).get("name") or ""
+        raise invalid(res.kind, res.group, name, errors)
 
 
 def new_object(
@@ -61,13 +115,27 @@ def new_object(
         meta["namespace"] = namespace or body_ns or "default"
     else:
         meta.pop("namespace", None)
+    for server_set in ("deletionTimestamp", "deletionGracePeriodSeconds", "resourceVersion"):
+        meta.pop(server_set, None)
     meta["uid"] = str(uuid.uuid4())
-    meta["creationTimestamp"] = _now()
+    meta["creationTimestamp"] = now()
     if res.has_generation:
         meta["generation"] = 1
     if res.kind == "Namespace":
-        obj.setdefault("spec", {}).setdefault("finalizers", ["kubernetes"])
-        obj.setdefault("status", {}).setdefault("phase", "Active")
+        # pkg/registry/core/namespace/strategy.go PrepareForCreate: the `kubernetes`
+        # finalizer is always there, the status is Active whatever the client sent.
+        spec = obj.setdefault("spec", {})
+        finalizers = [f for f in spec.get("finalizers") or [] if f != "kubernetes"]
+        spec["finalizers"] = [*finalizers, "kubernetes"]
+        obj["status"] = {"phase": "Active"}
+    if res.kind == "Node":
+        # plugin/pkg/admission/nodetaint/admission.go (TaintNodesAtCreation): a new Node is
+        # not-ready until the node lifecycle controller sees otherwise.
+        taints = obj.setdefault("spec", {}).setdefault("taints", [])
+        if not any(t.get("key") == NOT_READY and t.get("effect") == "NoSchedule" for t in taints):
+            taints.append({"key": NOT_READY, "effect": "NoSchedule"})
+    apply_defaults(res, obj)
+    validate(res, obj)
     return obj
 
 
@@ -91,13 +159,23 @@ def updated_object(
         raise ApiError(
             409,
             "Conflict",
-            f'Operation cannot be fulfilled on {res.plural} "{name}": the object has '
-            "been modified; please apply your changes to the latest version and try again",
+            f'Operation cannot be fulfilled on {qualified_resource(res)} "{name}": the object '
+            "has been modified; please apply your changes to the latest version and try again",
             {"name": name, "group": res.group, "kind": res.plural},
         )
     if subresource == "status":
-        # Only the status changes through /status.
+        # Only the status changes through /status, and the annotations when the body has
+        # them: the status strategies reset spec and labels, not annotations (the Deployment
+        # controller writes its revision annotation that way, without a generation bump).
+        sent_annotations = meta.get("annotations") if "annotations" in meta else None
         new = {**clone(old), "status": new.get("status")}
+        meta = new["metadata"]
+        if sent_annotations is not None:
+            meta["annotations"] = sent_annotations
+    elif subresource == "finalize" and res.kind == "Namespace":
+        finalizers = (new.get("spec") or {}).get("finalizers")
+        new = clone(old)
+        new.setdefault("spec", {})["finalizers"] = finalizers or []
         meta = new["metadata"]
     elif subresource is not None:
         raise ApiError(404, "NotFound", f"subresource {subresource!r} is not served")
@@ -106,6 +184,11 @@ def updated_object(
         new["status"] = clone(old.get("status"))
         if new["status"] is None:
             del new["status"]
+    if res.kind == "Namespace" and subresource != "finalize":
+        # Only /finalize changes a Namespace's spec.finalizers (namespace strategy.go).
+        new.setdefault("spec", {})["finalizers"] = clone((old.get("spec") or {}).get("finalizers"))
+        if new["spec"]["finalizers"] is None:
+            del new["spec"]["finalizers"]
     new["apiVersion"] = res.api_version
     new["kind"] = res.kind
     for immutable in _IMMUTABLE_METADATA:
@@ -114,9 +197,29 @@ def updated_object(
         else:
             meta.pop(immutable, None)
     meta["resourceVersion"] = old_meta["resourceVersion"]
+    if subresource is None:
+        apply_defaults(res, new)
     if new == old:
         # The real API server neither bumps resourceVersion nor emits an event for a no-op.
         return None
-    if res.has_generation and new.get("spec") != old.get("spec"):
-        meta["generation"] = int(old_meta.get("generation", 1)) + 1
+    validate(res, new)
+    if res.has_generation and subresource is None:
+        changed = new.get("spec") != old.get("spec")
+        if res.kind == "Deployment":
+            # nil and empty maps are equal to apimachinery's Semantic.DeepEqual.
+            changed = changed or (meta.get("annotations") or {}) != (
+                old_meta.get("annotations") or {}
+            )
+        if changed:
+            meta["generation"] = int(old_meta.get("generation", 1)) + 1
     return new
+
+
+def finalized(res: ResourceType, obj: JsonObj) -> bool:
+    """A Namespace being deleted whose last finalizer is gone: the server deletes it."""
+    return (
+        res.kind == "Namespace"
+        and bool(obj["metadata"].get("deletionTimestamp"))
+        and not (obj.get("spec") or {}).get("finalizers")
+        and not obj["metadata"].get("finalizers")
+    )

@@ -47,6 +47,20 @@ class ResourceType:
 RESOURCES: tuple[ResourceType, ...] = (
     ResourceType("", "v1", "namespaces", "Namespace", namespaced=False),
     ResourceType("", "v1", "nodes", "Node", namespaced=False),
+    # pkg/registry/core/pod/strategy.go PrepareForCreate sets Generation = 1; the
+    # persistentvolume and persistentvolumeclaim strategies keep no generation.
+    ResourceType("", "v1", "pods", "Pod", namespaced=True),
+    ResourceType(
+        "", "v1", "persistentvolumes", "PersistentVolume", namespaced=False, has_generation=False
+    ),
+    ResourceType(
+        "",
+        "v1",
+        "persistentvolumeclaims",
+        "PersistentVolumeClaim",
+        namespaced=True,
+        has_generation=False,
+    ),
     ResourceType(
         "", "v1", "events", "Event", namespaced=True, has_status=False, has_generation=False
     ),

@@ -18,6 +18,25 @@ _WRITE_VERBS = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "
 
 _VERBS = ["create", "delete", "get", "list", "patch", "update", "watch"]
 
+# What the real server's discovery says of each resource (each registry's ShortNames and
+# Categories, e.g. pkg/registry/core/namespace/storage/storage.go: "ns").
+SHORT_NAMES = {
+    "namespaces": ["ns"],
+    "nodes": ["no"],
+    "pods": ["po"],
+    "persistentvolumes": ["pv"],
+    "persistentvolumeclaims": ["pvc"],
+    "events": ["ev"],
+    "replicasets": ["rs"],
+    "deployments": ["deploy"],
+    "daemonsets": ["ds"],
+    "statefulsets": ["sts"],
+    "cronjobs": ["cj"],
+}
+_IN_ALL = {"pods", "replicasets", "deployments", "daemonsets", "statefulsets", "jobs", "cronjobs"}
+SCALABLE = {"deployments", "replicasets", "statefulsets"}
+SUBRESOURCES = {"status", "scale", "finalize"}
+
 
 def is_true(value: str | None) -> bool:
     """A boolean query parameter (`watch`, `allowWatchBookmarks`) as the server reads it."""
@@ -67,11 +86,24 @@ def route(table: ResourceTable, path: str) -> Route | JsonObj:
         raise ApiError(404, "NotFound", f"the server could not find {path}")
     name = rest[1] if len(rest) > 1 else None
     subresource = rest[2] if len(rest) > 2 else None
-    if subresource not in (None, "status"):
-        raise ApiError(404, "NotFound", f"the server could not find {path}")
+    if subresource is not None and not _serves(res, subresource):
+        raise ApiError(
+            404,
+            "NotFound",
+            f"the server could not find the requested resource: {res.plural}/{subresource} "
+            "is not served by the sandbox's simulated API",
+        )
     if name is not None and res.namespaced and namespace is None:
         raise ApiError(404, "NotFound", f"the server could not find {path}")
     return Route(res, namespace, name, subresource)
+
+
+def _serves(res: ResourceType, subresource: str) -> bool:
+    if subresource == "status":
+        return res.has_status
+    if subresource == "scale":
+        return res.group == "apps" and res.plural in SCALABLE
+    return subresource == "finalize" and res.kind == "Namespace"
 
 
 def verb_of(method: str, watch: str | None, route: Route) -> str:
@@ -82,7 +114,10 @@ def verb_of(method: str, watch: str | None, route: Route) -> str:
         return "get" if route.name else "list"
     verb = _WRITE_VERBS.get(method)
     if verb is None or (verb == "create") == (route.name is not None):
-        raise ApiError(405, "MethodNotAllowed", f"{method} is not supported here")
+        what = "deletecollection" if method == "DELETE" else f"{method} here"
+        raise ApiError(
+            405, "MethodNotAllowed", f"the sandbox's simulated API does not support {what}"
+        )
     return verb
 
 
@@ -121,25 +156,30 @@ def _resource_list(table: ResourceTable, group: str, version: str) -> JsonObj:
         raise ApiError(404, "NotFound", f"no API {group}/{version}")
     resources: list[JsonObj] = []
     for r in found:
-        resources.append(
-            {
-                "name": r.plural,
-                "singularName": r.kind.lower(),
-                "namespaced": r.namespaced,
-                "kind": r.kind,
-                "verbs": _VERBS,
-            }
-        )
-        if r.has_status:
-            resources.append(
-                {
-                    "name": f"{r.plural}/status",
-                    "singularName": "",
-                    "namespaced": r.namespaced,
-                    "kind": r.kind,
-                    "verbs": ["get", "patch", "update"],
-                }
-            )
+        entry: JsonObj = {
+            "name": r.plural,
+            "singularName": r.kind.lower(),
+            "namespaced": r.namespaced,
+            "kind": r.kind,
+            "verbs": _VERBS,
+        }
+        if r.plural in SHORT_NAMES and not (r.group and r.kind == "Event"):
+            entry["shortNames"] = SHORT_NAMES[r.plural]
+        if r.plural in _IN_ALL:
+            entry["categories"] = ["all"]
+        resources.append(entry)
+        for sub in sorted(SUBRESOURCES):
+            if _serves(r, sub):
+                resources.append(
+                    {
+                        "name": f"{r.plural}/{sub}",
+                        "singularName": "",
+                        "namespaced": r.namespaced,
+                        "kind": "Scale" if sub == "scale" else r.kind,
+                        **({"group": "autoscaling", "version": "v1"} if sub == "scale" else {}),
+                        "verbs": ["update"] if sub == "finalize" else ["get", "patch", "update"],
+                    }
+                )
     return {
         "kind": "APIResourceList",
         "apiVersion": "v1",

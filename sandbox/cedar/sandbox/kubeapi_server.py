@@ -12,9 +12,10 @@ import asyncio
 import contextlib
 import json
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -38,6 +39,7 @@ class Serving:
     loop: asyncio.AbstractEventLoop
     thread: threading.Thread
     runner: web.AppRunner | None = None
+    background: asyncio.Task[None] | None = None
     # Watchers hold the Event they saw before reading the store, so no write is missed.
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     watches: set[OpenWatch] = field(default_factory=set)
@@ -54,6 +56,7 @@ class Serving:
 
 
 Handler = Callable[[Serving, web.Request], Awaitable[web.StreamResponse]]
+Background = Callable[[Serving], Coroutine[Any, Any, None]]
 
 
 class ServerThread:
@@ -72,7 +75,8 @@ class ServerThread:
     def running(self) -> bool:
         return self._serving is not None
 
-    def start(self, handler: Handler) -> None:
+    def start(self, handler: Handler, background: Background | None = None) -> None:
+        """Serve `handler`; `background` runs beside it until the server stops."""
         if self._serving is not None:
             return
         loop = asyncio.new_event_loop()
@@ -80,7 +84,7 @@ class ServerThread:
         thread.start()
         try:
             serving = asyncio.run_coroutine_threadsafe(
-                self._serve(loop, thread, handler), loop
+                self._serve(loop, thread, handler, background), loop
             ).result(30)
         except BaseException:
             loop.call_soon_threadsafe(loop.stop)
@@ -111,7 +115,11 @@ class ServerThread:
             serving.loop.call_soon_threadsafe(serving.cut, abrupt)
 
     async def _serve(
-        self, loop: asyncio.AbstractEventLoop, thread: threading.Thread, handler: Handler
+        self,
+        loop: asyncio.AbstractEventLoop,
+        thread: threading.Thread,
+        handler: Handler,
+        background: Background | None,
     ) -> Serving:
         serving = Serving(loop=loop, thread=thread)
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -129,6 +137,8 @@ class ServerThread:
         await site.start()
         self.port = int(runner.addresses[0][1])
         serving.runner = runner
+        if background is not None:
+            serving.background = asyncio.create_task(background(serving))
         return serving
 
 
@@ -141,6 +151,10 @@ def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
 
 
 async def _shutdown(serving: Serving) -> None:
+    if serving.background is not None:
+        serving.background.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await serving.background
     serving.cut(abrupt=False)
     await asyncio.sleep(0)
     if serving.runner is not None:

@@ -1,9 +1,20 @@
 """Pure: the simulated Kubernetes API's state: objects, resourceVersions, history, pages.
 
-Thread-safe and free of I/O: the HTTP handlers (kubeapi_http.py) and the tests' control
-calls (kubeapi.py) both use it; the rules for one object are in kubeapi_objects.py. Objects
-are serialised to JSON bytes once per write so that lists and watch events are built by
-joining bytes, which keeps a 60,000-object list cheap.
+Thread-safe and free of I/O: the HTTP handlers (kubeapi_http.py), the controllers
+(kubeapi_controllers.py) and the tests' control calls (kubeapi.py) all use it; the rules for
+one object are in kubeapi_objects.py. Objects are serialised to JSON bytes once per write so
+that lists and watch events are built by joining bytes, which keeps a 60,000-object list
+cheap.
+
+Two behaviours of the real server that clients must not assume away:
+
+- a write's watch event is delivered `watch_delay` seconds after the write (the watch cache
+  is fed from etcd's watch, asynchronously: staging/src/k8s.io/apiserver/pkg/storage/
+  cacher/cacher.go), never as part of the write's response; lists see the write at once;
+- deleting a Namespace only marks it Terminating (deletionTimestamp, phase) and the
+  namespace controller removes it later (pkg/registry/core/namespace/storage/storage.go
+  Delete), while new objects in it are refused (staging/src/k8s.io/apiserver/pkg/admission/
+  plugin/namespace/lifecycle/admission.go).
 """
 
 from __future__ import annotations
@@ -13,13 +24,23 @@ import binascii
 import bisect
 import json
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from cedar.sandbox.errors import ApiError
-from cedar.sandbox.kubeapi_objects import clone, dump, new_object, updated_object
+from cedar.sandbox.kubeapi_objects import (
+    clone,
+    dump,
+    finalized,
+    namespace_terminating,
+    new_object,
+    now,
+    qualified_resource,
+    updated_object,
+)
 from cedar.sandbox.kubeapi_ops import JsonObj, ResourceTable, ResourceType, WatchFilter, apply_patch
 
 ObjKey = tuple[str, str]  # (namespace or "", name)
@@ -36,6 +57,18 @@ class WatchEvent:
     rv: int
     obj: JsonObj
     line: bytes  # the whole newline-terminated watch event
+    type: str = "ADDED"
+    visible: float = 0.0  # time.monotonic() from which watches deliver it
+
+
+@dataclass(slots=True)
+class Pending:
+    """What a watch from `since` gets now: the events, the RV to go on from, and when the
+    next held-back event becomes deliverable (None: nothing is held back)."""
+
+    events: list[WatchEvent]
+    since: int
+    due: float | None
 
 
 @dataclass
@@ -106,14 +139,19 @@ class Store:
         *,
         history_limit: int,
         on_change: Callable[[], None],
+        watch_delay: float = 0.0,
+        require_namespaces: bool = False,
     ) -> None:
         self.on_change = on_change
+        self.watch_delay = watch_delay
+        self.require_namespaces = require_namespaces
         self._lock = threading.RLock()
         # Never 0: to a watch, resourceVersion "0" means "any", not "the start".
         self._rv = 1
         # Bumped by expire(): open watches notice it and end with a 410 ERROR event.
         self.epoch = 0
         self._buckets: dict[ResourceType, _Bucket] = {r: _Bucket(history_limit) for r in table.all}
+        self._namespace_res = next((r for r in table.all if r.kind == "Namespace"), None)
 
     # ------------------------------------------------------------ helpers
 
@@ -136,7 +174,7 @@ class Store:
             raise ApiError(
                 404,
                 "NotFound",
-                f'{res.plural} "{name}" not found',
+                f'{qualified_resource(res)} "{name}" not found',
                 {"name": name, "group": res.group, "kind": res.plural},
             )
         return stored
@@ -154,8 +192,26 @@ class Store:
             if key not in bucket.objects:
                 bucket.add_key(key)
             bucket.objects[key] = Stored(obj, raw)
-        bucket.record(WatchEvent(self._rv, obj, event_line(type_, raw)))
+        visible = time.monotonic() + self.watch_delay
+        bucket.record(WatchEvent(self._rv, obj, event_line(type_, raw), type_, visible))
         return raw
+
+    def _admit_create(self, res: ResourceType, name: str, namespace: str | None) -> None:
+        """NamespaceLifecycle: nothing new goes into a namespace being deleted (nor, with
+        `require_namespaces`, into one that does not exist)."""
+        if not res.namespaced or not namespace:
+            return
+        ns_res = self._namespace_res
+        stored = None if ns_res is None else self._bucket(ns_res).objects.get(("", namespace))
+        if stored is None and self.require_namespaces and ns_res is not None:
+            raise ApiError(
+                404,
+                "NotFound",
+                f'namespaces "{namespace}" not found',
+                {"name": namespace, "group": "", "kind": "namespaces"},
+            )
+        if stored is not None and (stored.obj.get("status") or {}).get("phase") == "Terminating":
+            raise namespace_terminating(res, name, namespace)
 
     # ------------------------------------------------------------ writes
 
@@ -164,11 +220,12 @@ class Store:
         meta = new["metadata"]
         with self._lock:
             key = self._key(res, meta.get("namespace"), meta["name"])
+            self._admit_create(res, meta["name"], meta.get("namespace"))
             if key in self._bucket(res).objects:
                 raise ApiError(
                     409,
                     "AlreadyExists",
-                    f'{res.plural} "{meta["name"]}" already exists',
+                    f'{qualified_resource(res)} "{meta["name"]}" already exists',
                     {"name": meta["name"], "group": res.group, "kind": res.plural},
                 )
             result: JsonObj = json.loads(self._commit(res, key, new, "ADDED"))
@@ -217,9 +274,12 @@ class Store:
             )
             if new is None:
                 return json.loads(stored.raw)  # type: ignore[no-any-return]
-            result: JsonObj = json.loads(
-                self._commit(res, stored_key(res, stored.obj), new, "MODIFIED")
-            )
+            type_ = "MODIFIED"
+            if finalized(res, new):
+                # ShouldDeleteDuringUpdate: the last finalizer of a deleted Namespace went.
+                type_, new = "DELETED", clone(stored.obj)
+            key = stored_key(res, stored.obj)
+            result: JsonObj = json.loads(self._commit(res, key, new, type_))
         self.on_change()
         return result
 
@@ -266,22 +326,43 @@ class Store:
         )
 
     def delete(self, res: ResourceType, namespace: str | None, name: str) -> JsonObj:
+        """Delete; a Namespace is only marked Terminating (its controller removes it)."""
         with self._lock:
             stored = self._find(res, namespace, name)
-            result: JsonObj = json.loads(stored.raw)
-            self._commit(res, stored_key(res, stored.obj), clone(stored.obj), "DELETED")
-            if res.kind == "Namespace":
-                self._finalize_namespace(name)
+            key = stored_key(res, stored.obj)
+            if res.kind == "Namespace" and (stored.obj.get("spec") or {}).get("finalizers"):
+                if stored.obj["metadata"].get("deletionTimestamp"):
+                    raise ApiError(
+                        409,
+                        "Conflict",
+                        f'Operation cannot be fulfilled on namespaces "{name}": The system is '
+                        "ensuring all content is removed from this namespace.  Upon completion, "
+                        "this namespace will automatically be purged by the system.",
+                        {"name": name, "group": "", "kind": "namespaces"},
+                    )
+                terminating = clone(stored.obj)
+                terminating["metadata"]["deletionTimestamp"] = now()
+                terminating.setdefault("status", {})["phase"] = "Terminating"
+                result: JsonObj = json.loads(self._commit(res, key, terminating, "MODIFIED"))
+            else:
+                result = json.loads(stored.raw)
+                self._commit(res, key, clone(stored.obj), "DELETED")
         self.on_change()
         return result
 
-    def _finalize_namespace(self, namespace: str) -> None:
-        """What the namespace controller eventually does, done at once, in the same write:
-        every object in the deleted namespace goes, each with its DELETED event."""
-        for res, bucket in self._buckets.items():
-            if res.namespaced:
-                for key in [k for k in bucket.sorted_keys() if k[0] == namespace]:
-                    self._commit(res, key, clone(bucket.objects[key].obj), "DELETED")
+    def delete_namespace_content(self, namespace: str) -> int:
+        """What the namespace controller does first: every object in `namespace` goes,
+        each with its DELETED event. Returns how many."""
+        count = 0
+        with self._lock:
+            for res, bucket in self._buckets.items():
+                if res.namespaced:
+                    for key in [k for k in bucket.sorted_keys() if k[0] == namespace]:
+                        self._commit(res, key, clone(bucket.objects[key].obj), "DELETED")
+                        count += 1
+        if count:
+            self.on_change()
+        return count
 
     def reset(self) -> None:
         """Forget every object and all history; resourceVersions keep increasing."""
@@ -383,22 +464,38 @@ class Store:
             ]
             return lines, self._rv
 
-    def events_since(
-        self, res: ResourceType, since: int, flt: WatchFilter
-    ) -> tuple[list[bytes], int] | None:
-        """Event lines after `since` and the RV they reach; None when `since` is too old (410)."""
+    def pending(
+        self, res: ResourceType, since: int, flt: WatchFilter | None = None
+    ) -> Pending | None:
+        """The events after `since` a watch may deliver now; None when `since` is too old
+        (410). Events still held back (`watch_delay`) hold back everything after them."""
+        clock = time.monotonic()
         with self._lock:
             bucket = self._bucket(res)
             if since < bucket.floor:
                 return None
-            picked: list[bytes] = []
+            newer: list[WatchEvent] = []
             for event in reversed(bucket.history):
                 if event.rv <= since:
                     break
-                if flt.matches(event.obj):
-                    picked.append(event.line)
-            picked.reverse()
-            return picked, max(self._rv, since)
+                newer.append(event)
+            newer.reverse()
+            picked: list[WatchEvent] = []
+            for event in newer:
+                if event.visible > clock:
+                    return Pending(picked, event.rv - 1, event.visible)
+                if flt is None or flt.matches(event.obj):
+                    picked.append(event)
+            return Pending(picked, max(self._rv, since), None)
+
+    def events_since(
+        self, res: ResourceType, since: int, flt: WatchFilter
+    ) -> tuple[list[bytes], int, float | None] | None:
+        """Event lines after `since`, the RV they reach and when more are due; None: 410."""
+        got = self.pending(res, since, flt)
+        if got is None:
+            return None
+        return [e.line for e in got.events], got.since, got.due
 
 
 def stored_key(res: ResourceType, obj: JsonObj) -> ObjKey:
