@@ -629,11 +629,62 @@ def allocator() -> dict[str, Any]:
             (12, 27, 12, 6),
             description="Snapshots written, loaded at start, found unusable, or failed to write.",
         ),
+        panel(
+            "Pods at another level",
+            "timeseries",
+            [
+                target("max(cedar_mcs_pod_mismatches)", "pods at another level"),
+                target("max(cedar_mcs_volume_conflicts)", "NFS volumes of another level", "B"),
+            ],
+            (0, 33, 8, 8),
+            description="The watchdog's pods whose effective SELinux level differs from their "
+            "namespace's, and NFS volumes whose mount context names another level "
+            "(both reported, never changed).",
+            thresholds=[(None, "green"), (1, "red")],
+        ),
+        panel(
+            "Pod admissions by result",
+            "timeseries",
+            [
+                target("sum by (result) (rate(cedar_mcs_admissions_total[5m]))", "{{result}}"),
+                target(
+                    'sum by (rule) (rate(cedar_mcs_admissions_total{result="denied"}[5m]))',
+                    "denied: {{rule}}",
+                    "B",
+                ),
+            ],
+            (8, 33, 8, 8),
+            unit="ops",
+            description="AdmissionReviews the webhook answered: mutated (level set), admitted, "
+            "denied (by rule), error (namespace unreadable), invalid (malformed).",
+        ),
+        panel(
+            "Webhook latency",
+            "timeseries",
+            [
+                target(
+                    "histogram_quantile(0.5, sum by (le) "
+                    "(rate(cedar_mcs_admission_seconds_bucket[5m])))",
+                    "p50",
+                ),
+                target(
+                    "histogram_quantile(0.99, sum by (le) "
+                    "(rate(cedar_mcs_admission_seconds_bucket[5m])))",
+                    "p99",
+                    "B",
+                ),
+            ],
+            (16, 33, 8, 8),
+            unit="s",
+            description="Time to answer one AdmissionReview inside the allocator (the API "
+            "server adds the network and TLS); the webhook's timeout is 5 s.",
+        ),
     ]
     return dashboard(
         "cedar-mcs-allocator",
         "Cedar / MCS allocator",
-        "SELinux MCS label pool: usage, allocations, tampering and conflicts.",
+        "SELinux MCS label pool: usage, allocations, tampering and conflicts; pods and "
+        "volumes at another level; the admission webhook.",
         panels,
         [],
     )

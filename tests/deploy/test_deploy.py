@@ -280,6 +280,9 @@ def test_rbac_is_least_privilege(rendered: list[dict[str, Any]]) -> None:
     assert grants("cedar-puller") == {("", "nodes", "get"), ("", "nodes", "watch")}
     assert grants("cedar-mcs-allocator") == {
         *(("", "namespaces", v) for v in ("get", "list", "watch", "patch")),
+        # The watchdog: pods of labelled namespaces, listed and watched, never changed.
+        ("", "pods", "list"),
+        ("", "pods", "watch"),
         ("", "events", "create"),
         ("events.k8s.io", "events", "create"),
     }

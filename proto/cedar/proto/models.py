@@ -147,11 +147,31 @@ class McsAuditRecord(Contract):
     """One entry of the allocator's audit trail."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
-    action: Literal["claim", "release", "free", "adopt", "tamper", "conflict", "exhausted"]
+    action: Literal[
+        "claim",
+        "release",
+        "free",
+        "adopt",
+        "tamper",
+        "conflict",
+        "exhausted",
+        "pod-mismatch",
+        "volume-context",
+        "volume-conflict",
+    ]
     namespace: str
     namespace_uid: str
     level: str | None = None
-    previous: str | None = Field(default=None, description="Tamper: the value found.")
+    previous: str | None = Field(
+        default=None,
+        description="Tamper: the value found. pod-mismatch: the level the pod runs at (none: "
+        "one the runtime chose). volume-conflict: the context mount option found.",
+    )
+    object_kind: Literal["Pod", "PersistentVolume"] | None = Field(
+        default=None, description="pod-mismatch, volume-*: the object the record is about."
+    )
+    object_name: str | None = None
+    object_uid: str | None = None
     replica: str = Field(description="Which allocator replica acted (pod name).")
     dry_run: bool = False
     at: datetime

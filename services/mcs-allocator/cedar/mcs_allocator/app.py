@@ -5,7 +5,9 @@ events from the shared durable consumer `mcs-allocator` (`intake`, so each event
 replica), handles each namespace (`handler`, writing only through compare-and-set on the
 ledger), repairs at start and every CEDAR_MCS_RESYNC_INTERVAL (`repair`), and keeps the
 ledger snapshot current (`snapshot_keeper`). A dry run loads the ledger and logs each
-decision, writing nothing.
+decision, writing nothing. The parts that make the level bind on pods and volumes (the
+admission webhook, the watchdog, NFS mount contexts: `binding`) start first, since they
+need only the Kubernetes API.
 
 I/O: makes the NATS streams and buckets it needs (through `cedar.runtime.service.Runtime`)
 and the Kubernetes client; the parts it starts do the rest.
@@ -16,8 +18,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from cedar.mcs_allocator import binding as pod_binding
 from cedar.mcs_allocator.audit import Audit
 from cedar.mcs_allocator.decide import Policy
+from cedar.mcs_allocator.errors import WebhookUnavailable
 from cedar.mcs_allocator.handler import DryRunHandler, Handler, NamespaceHandler
 from cedar.mcs_allocator.intake import consume, from_subject
 from cedar.mcs_allocator.kubeio import NamespaceIO
@@ -53,24 +57,27 @@ def policy_of(settings: AllocatorSettings) -> Policy:
 async def main(rt: Runtime[AllocatorSettings]) -> None:
     settings = rt.settings
     dry_run = settings.dry_run
-    # The watcher owns the streams; the allocator only makes sure they exist.
-    await rt.bus.ensure(
-        streams=[topology.namespaces_stream(settings), topology.history_stream(settings)],
-        update=False,
-    )
-    kvs = await rt.bus.ensure(buckets=[topology.mcs_ledger_bucket(settings)])
-    ledger = LedgerStore(kvs[subjects.KV_MCS_LEDGER])
     client = None if dry_run else KubeClient(load_config(settings.kubeconfig))
-    interval = settings.mcs_snapshot_interval.total_seconds()
-    store = None
-    snapshots: SnapshotSource = NoSnapshots()
-    if interval > 0:
-        bucket = await rt.bus.ensure_object_store(topology.mcs_snapshots_bucket(settings))
-        store = SnapshotStore(bucket, rt.bus.js)
-        snapshots = SnapshotReader(store)
-    mirror = Mirror(settings, LedgerStream(rt.bus.js), ledger, snapshots)
-    policy = policy_of(settings)
+    bound = pod_binding.Binding()
     try:
+        if client is not None:
+            bound = await _start_binding(rt, client)
+        # The watcher owns the streams; the allocator only makes sure they exist.
+        await rt.bus.ensure(
+            streams=[topology.namespaces_stream(settings), topology.history_stream(settings)],
+            update=False,
+        )
+        kvs = await rt.bus.ensure(buckets=[topology.mcs_ledger_bucket(settings)])
+        ledger = LedgerStore(kvs[subjects.KV_MCS_LEDGER])
+        interval = settings.mcs_snapshot_interval.total_seconds()
+        store = None
+        snapshots: SnapshotSource = NoSnapshots()
+        if interval > 0:
+            bucket = await rt.bus.ensure_object_store(topology.mcs_snapshots_bucket(settings))
+            store = SnapshotStore(bucket, rt.bus.js)
+            snapshots = SnapshotReader(store)
+        mirror = Mirror(settings, LedgerStream(rt.bus.js), ledger, snapshots)
+        policy = policy_of(settings)
         if not await _load(rt, mirror):
             return
         rt.health.set("ledger", True)
@@ -113,8 +120,30 @@ async def main(rt: Runtime[AllocatorSettings]) -> None:
                     task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
     finally:
+        await bound.stop()
         if client is not None:
             await client.close()
+
+
+async def _start_binding(rt: Runtime[AllocatorSettings], client: KubeClient) -> pod_binding.Binding:
+    settings = rt.settings
+    try:
+        return await pod_binding.start(
+            settings,
+            client,
+            Audit(rt.bus.js, settings.pod_name),
+            rt.health,
+            rt.stop,
+            component=COMPONENT,
+        )
+    except OSError as err:
+        log.error(
+            "cannot serve the admission webhook on port %s (%s); check CEDAR_MCS_WEBHOOK_PORT, "
+            "CEDAR_MCS_WEBHOOK_CERT and CEDAR_MCS_WEBHOOK_KEY",
+            settings.mcs_webhook_port,
+            err,
+        )
+        raise WebhookUnavailable(f"admission webhook: {err}") from err
 
 
 async def _load(rt: Runtime[AllocatorSettings], mirror: Mirror) -> bool:

@@ -3,7 +3,10 @@
 Consumes namespace events from NATS (the shared durable consumer `mcs-allocator`, so run
 as many replicas as you like), claims a free label `s0:cA,cB` by compare-and-set in the
 NATS KV bucket `cedar-mcs-ledger`, and writes it to the namespace annotation. Released
-labels are quarantined before reuse; tampered annotations are restored.
+labels are quarantined before reuse; tampered annotations are restored. With the
+admission policies of deploy/mcs-allocator/ (or its webhook) tenant pods run at their
+namespace's level; the watchdog reports pods that do not, and NFS volumes can be given the
+tenant's mount context.
 
 environment:
   CEDAR_NATS_URL                  NATS server(s), comma separated (default nats://127.0.0.1:4222)
@@ -20,6 +23,15 @@ environment:
   CEDAR_MCS_SNAPSHOT_INTERVAL     check for a due ledger snapshot every; 0: none (default 10m)
   CEDAR_MCS_OPENSHIFT_COMPAT      also write openshift.io/sa.scc.mcs (default false)
   CEDAR_MCS_MAX_IN_FLIGHT         namespace events handled at once per replica (default 64)
+  CEDAR_MCS_ALLOWED_TYPES         SELinux types tenant pods may ask for (default container_t)
+  CEDAR_MCS_WEBHOOK_PORT          serve the pod admission webhook (HTTPS) here (default: off)
+  CEDAR_MCS_WEBHOOK_CERT          its certificate chain (default /etc/cedar/webhook/tls.crt)
+  CEDAR_MCS_WEBHOOK_KEY           its key (default /etc/cedar/webhook/tls.key)
+  CEDAR_MCS_WEBHOOK_RELOAD        check the two files for a rotation every (default 10s)
+  CEDAR_MCS_WATCHDOG              report pods running at another level (default true)
+  CEDAR_MCS_NFS_CONTEXT           give NFS PVs their tenant's mount context (default false)
+  CEDAR_MCS_NFS_CONTEXT_TYPE      the context's SELinux type (default container_file_t)
+  CEDAR_MCS_NFS_CSI_DRIVERS       CSI drivers that mount NFS (default nfs.csi.k8s.io)
   CEDAR_HISTORY_RETENTION         how long the audit trail is kept (default 7d)
   CEDAR_METRICS_PORT              /metrics, /healthz, /readyz (default 9103)
   CEDAR_POD_NAME                  this replica's name in the audit trail (default: host name)
@@ -36,7 +48,9 @@ from pydantic import ValidationError
 
 EPILOG = """\
 metrics: cedar_mcs_labels{state}, cedar_mcs_allocations_total{result},
-cedar_mcs_tamper_total, cedar_mcs_conflicts, cedar_mcs_patch_failures_total.
+cedar_mcs_tamper_total, cedar_mcs_conflicts, cedar_mcs_patch_failures_total,
+cedar_mcs_admissions_total{result,rule}, cedar_mcs_admission_seconds,
+cedar_mcs_pod_mismatches, cedar_mcs_volume_contexts_total{result}, cedar_mcs_volume_conflicts.
 docs: docs/mcs-allocator.md (ledger schema, behaviour)."""
 
 

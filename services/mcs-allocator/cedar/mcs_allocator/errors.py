@@ -36,3 +36,7 @@ class SnapshotError(AllocatorError, ValueError):
 
 class SnapshotUnavailable(AllocatorError):
     """The stored snapshot could not be read whole (changing under us, or damaged)."""
+
+
+class WebhookUnavailable(AllocatorError, ConfigError):
+    """The admission webhook cannot serve: its port, or no usable certificate."""
