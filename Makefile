@@ -3,13 +3,13 @@ SHELL := /bin/bash
 VENV ?= .venv
 TOOLS_VENV ?= .venv-tools
 PY := $(VENV)/bin/python
-# Debian packages the tests drive for real: a Docker engine, a registry, promtool,
-# docker-compose (validates compose.yaml).
-APT_PACKAGES := docker.io docker-registry prometheus docker-compose
+# Debian packages the tests drive for real: a Docker engine, containerd with runc (the CRI
+# runtime), a registry, promtool, docker-compose (validates compose.yaml).
+APT_PACKAGES := docker.io containerd runc docker-registry prometheus docker-compose
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: test up deps system-deps lint typecheck pytest bench schemas clean
+.PHONY: test up deps system-deps lint typecheck pytest bench schemas cri-stubs clean
 
 test: deps lint typecheck pytest
 
@@ -60,6 +60,10 @@ pytest: deps
 
 schemas: deps
 	$(PY) -m cedar.proto.schemas
+
+# The puller's CRI stubs from proto/cri/runtime/v1/*.proto (grpcio-tools, mypy-protobuf).
+cri-stubs: deps
+	$(PY) proto/cri/generate.py
 
 bench: deps
 	$(PY) bench/bench_watcher.py

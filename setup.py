@@ -17,6 +17,7 @@ PACKAGE_DIRS = {
     "cedar.sandbox": "sandbox/cedar/sandbox",
     "cedar.watcher": "services/watcher/cedar/watcher",
     "cedar.puller": "services/puller/cedar/puller",
+    "cedar.puller.cri": "services/puller/cedar/puller/cri",
     "cedar.mcs_allocator": "services/mcs-allocator/cedar/mcs_allocator",
     "cedar.runtime": "runtime/cedar/runtime",
     "cedar.proto": "proto/cedar/proto",

@@ -15,6 +15,7 @@ import pytest
 pytest_plugins = [
     "tests.harness.nats_server",
     "tests.harness.docker_engine",
+    "tests.harness.containerd",
     "tests.harness.registry",
     "tests.harness.kube_api",
 ]
@@ -30,6 +31,10 @@ SERVER_FIXTURES = frozenset(
         "docker_host",
         "docker_engine_factory",
         "fresh_docker_engine",
+        "containerd",
+        "cri_endpoint",
+        "containerd_factory",
+        "fresh_containerd",
         "registry",
         "auth_registry",
         "fresh_registry",

@@ -66,6 +66,7 @@ def test_the_image_wheel_has_every_layer_but_the_sandbox(tmp_path: Path) -> None
         "cedar/proto",
         "cedar/watcher",
         "cedar/puller",
+        "cedar/puller/cri",
         "cedar/mcs_allocator",
     ):
         assert package in packages, f"the image's wheel misses {package}"

@@ -63,14 +63,16 @@ async def _wait_for(
     raise AssertionError(f"{pattern!r} never appeared:\n{_read(out)}")
 
 
-async def _eventually_in_status(env: dict[str, str], pattern: str, within: float) -> str:
+async def _eventually_in_status(
+    env: dict[str, str], args: list[str], pattern: str, within: float
+) -> str:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within
     text = ""
     while loop.time() < deadline:
         status = await asyncio.to_thread(
             subprocess.run,
-            [sys.executable, "-m", "cedar.cli", "status"],
+            [sys.executable, "-m", "cedar.cli", "status", *args],
             env=env,
             capture_output=True,
             text=True,
@@ -123,16 +125,16 @@ async def test_kubectl_changes_a_workload_and_the_sandbox_warms_it(state_dir: Pa
             "create", "deployment", "shop", "-n", "team-delta", f"--image={image}", "--replicas=0"
         )
         assert "shop" in kubectl("get", "deployments", "-n", "team-delta")
-        await _eventually_in_status(status_env, r"team-delta\s+s0:c\d+,c\d+", 60)
+        await _eventually_in_status(status_env, ["--namespaces"], r"team-delta\s+s0:c\d+,c\d+", 60)
         await _eventually_in_status(
-            status_env, r"sandbox-node-1\s+\S+/tenants/trainer:v1\s+present", 60
+            status_env, ["--node", "sandbox-node-1"], r"/tenants/trainer:v1\s+present", 60
         )
 
         # A new tag: pulled as soon as the Deployment names it.
         new_image = f"{registry.group(1)}/tenants/web:v2"
         kubectl("set", "image", "deployment/shop", "-n", "team-delta", f"trainer={new_image}")
         await _eventually_in_status(
-            status_env, r"sandbox-node-1\s+\S+/tenants/web:v2\s+present", 60
+            status_env, ["--node", "sandbox-node-1"], r"/tenants/web:v2\s+present", 60
         )
 
         proc.send_signal(signal.SIGINT)

@@ -1,14 +1,17 @@
-"""The puller against real NATS, a real Docker engine and real registries.
+"""The puller against real NATS, real registries and a real engine: each test runs twice,
+once driving a Docker engine and once a containerd through the CRI (the `engine` parameter).
 
 Most tests run the puller in this process (so they can look at its bookkeeping, e.g. the
 largest number of pulls in flight); the crash test runs `cedar puller` as a subprocess and
-SIGKILLs it mid-pull.
+SIGKILLs it mid-pull. What differs per engine (how to list the node's images, hold one in a
+container, evict one as kubelet's image GC does) is in `Node` below; the tests do not.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import signal
@@ -40,22 +43,107 @@ from cedar.proto.models import (
 )
 from cedar.puller import metrics
 from cedar.puller.app import Puller, assemble
-from cedar.puller.engine import DockerImageEngine
+from cedar.puller.cri_engine import CriImageEngine
+from cedar.puller.docker_engine import DockerImageEngine
+from cedar.puller.engine import ImageEngine
 from cedar.puller.settings import PullerSettings
 from cedar.runtime.bus import Bus
 from cedar.runtime.health import Health
 from cedar.runtime.topology import node_status_bucket, workloads_stream
+from cedar.sandbox.containerd import Containerd
 from cedar.sandbox.dockerd import DockerEngine
 from cedar.sandbox.kubeapi import KubeAPI
 from cedar.sandbox.nats import NatsServer
 from cedar.sandbox.procs import kill_pid
 from cedar.sandbox.registry import Registry
+from tests.harness.containerd import hold_image
 from tests.harness.registry import ImageMaker
 from tests.harness.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
 SMALL = 256 * 1024
+ENGINES = ("docker", "cri")
+
+
+@dataclass
+class Node:
+    """The node's engine as the tests see it: a private dockerd, or a private containerd."""
+
+    daemon: DockerEngine | Containerd
+
+    @property
+    def kind(self) -> str:
+        return "cri" if isinstance(self.daemon, Containerd) else "docker"
+
+    def settings(self) -> dict[str, Any]:
+        """The puller's settings that point it at this engine."""
+        if isinstance(self.daemon, Containerd):
+            return {"runtime": "cri", "cri_endpoint": self.daemon.endpoint}
+        return {"runtime": "docker", "docker_host": self.daemon.host}
+
+    def env(self) -> dict[str, str]:
+        """The same, as the environment of a `cedar puller` process."""
+        if isinstance(self.daemon, Containerd):
+            return {
+                **os.environ,
+                "CEDAR_RUNTIME": "cri",
+                "CEDAR_CRI_ENDPOINT": self.daemon.endpoint,
+            }
+        return {**self.daemon.env(), "CEDAR_RUNTIME": "docker"}
+
+    def client(self) -> ImageEngine:
+        if isinstance(self.daemon, Containerd):
+            return CriImageEngine(self.daemon.endpoint, node="test")
+        return DockerImageEngine(self.daemon.host)
+
+    def reach(self, registry: Registry) -> None:
+        """Let the engine pull from a registry a test started (containerd: a hosts.toml)."""
+        if isinstance(self.daemon, Containerd):
+            self.daemon.add_registry(registry.host)
+
+    def data_root(self) -> str | None:
+        """CEDAR_DOCKER_ROOT for the disk guard; on CRI the runtime's ImageFsInfo says it."""
+        return None if isinstance(self.daemon, Containerd) else str(self.daemon.base_dir)
+
+    async def evict(self, ref: str) -> None:
+        """What kubelet's image GC does under disk pressure, through the same engine."""
+        if isinstance(self.daemon, Containerd):
+            await asyncio.to_thread(self.daemon.ctr, "images", "rm", ref)
+        else:
+            await asyncio.to_thread(self.daemon.docker, "rmi", ref)
+
+    @contextlib.asynccontextmanager
+    async def container_using(self, ref: str, name: str, logs: Path) -> AsyncIterator[None]:
+        """A created, not started, container of `ref`: the image is in use."""
+        if isinstance(self.daemon, Containerd):
+            async with hold_image(self.daemon.endpoint, ref, logs):
+                yield
+            return
+        await asyncio.to_thread(self.daemon.docker, "create", "--name", name, ref)
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(self.daemon.docker, "rm", "-f", name, check=False)
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest) -> str:
+    """Which engine the test's node runs: "docker" or "cri" (containerd)."""
+    return str(request.param)
+
+
+@pytest.fixture
+def node(engine: str, request: pytest.FixtureRequest) -> Node:
+    """The session's engine of that kind (shared image store: tests use unique names)."""
+    return Node(request.getfixturevalue("containerd" if engine == "cri" else "docker_engine"))
+
+
+@pytest.fixture
+def fresh_node(engine: str, request: pytest.FixtureRequest) -> Node:
+    """An engine of that kind of this test's own, with an empty image store."""
+    fixture = "fresh_containerd" if engine == "cri" else "fresh_docker_engine"
+    return Node(request.getfixturevalue(fixture))
 
 
 def workload(
@@ -112,7 +200,7 @@ class Running:
 @dataclass
 class World:
     nats_url: str
-    engine: DockerEngine
+    engine: Node
     bus: Bus
     running: list[Running] = field(default_factory=list)
 
@@ -126,7 +214,7 @@ class World:
         values: dict[str, Any] = {
             "node_name": f"node-{uuid.uuid4().hex[:6]}",
             "nats_url": self.nats_url,
-            "docker_host": self.engine.host,
+            **self.engine.settings(),
             "node_from_api": False,
             "registry_probe_ttl": "1s",
             "backoff_base": "0.2s",
@@ -154,7 +242,7 @@ class World:
 
     async def local_images(self) -> dict[str, str | None]:
         """Normalised tag reference -> digest of what the engine has now."""
-        client = DockerImageEngine(self.engine.host)
+        client = self.engine.client()
         try:
             found: dict[str, str | None] = {}
             for image in await client.images():
@@ -170,7 +258,7 @@ class World:
 
 
 @pytest.fixture
-async def world(nats_url: str, docker_engine: DockerEngine) -> AsyncIterator[World]:
+async def world(nats_url: str, node: Node) -> AsyncIterator[World]:
     settings = PullerSettings(node_name="test", nats_url=nats_url)
     bus = Bus(settings, "test-publisher", Health())
     assert await bus.connect()
@@ -178,7 +266,7 @@ async def world(nats_url: str, docker_engine: DockerEngine) -> AsyncIterator[Wor
         streams=[workloads_stream(settings)],
         buckets=[node_status_bucket(settings)],
     )
-    w = World(nats_url, docker_engine, bus)
+    w = World(nats_url, node, bus)
     try:
         yield w
     finally:
@@ -246,6 +334,7 @@ async def test_registry_outage_and_recovery(
     world: World, make_images: ImageMaker, fresh_registry: Registry
 ) -> None:
     refs = await make_images.make(5, SMALL, registry=fresh_registry)
+    world.engine.reach(fresh_registry)
     running = await world.start()
     await world.publish(workload("outage-first", refs[0]))
     await eventually(lambda: running.state(refs[0]) == "present", 30, "first pulled")
@@ -375,7 +464,7 @@ async def decisions(bus: Bus, node: str) -> list[PullerDecision]:
 
 
 async def test_prune_only_in_scope_and_never_a_used_image(
-    world: World, make_images: ImageMaker
+    world: World, make_images: ImageMaker, tmp_path: Path
 ) -> None:
     tag = uuid.uuid4().hex[:8]
     scoped = await make_images.make(2, SMALL, prefix=f"cedar-prune-{tag}/img")
@@ -395,8 +484,7 @@ async def test_prune_only_in_scope_and_never_a_used_image(
     )
     # A container created (not started) from one in-scope image.
     container = f"cedar-prune-{tag}"
-    await asyncio.to_thread(world.engine.docker, "create", "--name", container, scoped[1])
-    try:
+    async with world.engine.container_using(scoped[1], container, tmp_path / "pods"):
         await world.publish(workload("prune", deleted=True))
 
         async def pruned() -> bool:
@@ -408,8 +496,6 @@ async def test_prune_only_in_scope_and_never_a_used_image(
         local = await world.local_images()
         assert normalize(outside[0]) in local  # out of scope: never touched
         assert normalize(scoped[1]) in local  # a created container uses it
-    finally:
-        await asyncio.to_thread(world.engine.docker, "rm", "-f", container, check=False)
 
 
 async def test_invalid_and_missing_references(world: World, make_images: ImageMaker) -> None:
@@ -434,13 +520,13 @@ async def test_invalid_and_missing_references(world: World, make_images: ImageMa
 
 
 async def test_killed_mid_pull_and_restarted(
-    world: World, make_images: ImageMaker, fresh_docker_engine: DockerEngine, tmp_path: Path
+    world: World, make_images: ImageMaker, fresh_node: Node, tmp_path: Path
 ) -> None:
     refs = await make_images.make(4, 24 * 1024 * 1024)
     node = f"node-{uuid.uuid4().hex[:6]}"
     await world.publish(workload("crash", *refs))
     env = {
-        **fresh_docker_engine.env(),
+        **fresh_node.env(),
         "CEDAR_NODE_NAME": node,
         "CEDAR_NATS_URL": world.nats_url,
         "CEDAR_NODE_FROM_API": "false",
@@ -465,7 +551,7 @@ async def test_killed_mid_pull_and_restarted(
         if proc.poll() is None:
             kill_pid(proc.pid)
 
-    engine_world = World(world.nats_url, fresh_docker_engine, world.bus)
+    engine_world = World(world.nats_url, fresh_node, world.bus)
     local = await engine_world.local_images()
     assert not all(normalize(r) in local for r in refs)  # killed with work left to do
 
@@ -494,7 +580,7 @@ async def test_evicted_image_is_counted_and_pulled_again(
     await eventually(lambda: running.state(ref) == "present", 30, "pulled")
     before = metrics.EVICTED._value.get()
     # What kubelet's image GC does under disk pressure.
-    await asyncio.to_thread(world.engine.docker, "rmi", ref)
+    await world.engine.evict(ref)
     await eventually(lambda: running.record(ref).evictions == 1, 30, "eviction seen")
     assert metrics.EVICTED._value.get() == before + 1
     await eventually(world_has(world, ref), 30, "pulled again")
@@ -528,7 +614,9 @@ async def test_dry_run_from_subject_never_touches_the_engine(world: World) -> No
     running = await world.start(
         dry_run=True,
         from_subject=f"{subject}.>",
-        docker_host="unix:///nonexistent/docker.sock",  # any engine call would fail
+        # Any engine call would fail.
+        docker_host="unix:///nonexistent/docker.sock",
+        cri_endpoint="unix:///nonexistent/containerd.sock",
     )
     status = running.puller.status
 
@@ -547,14 +635,14 @@ async def test_dry_run_from_subject_never_touches_the_engine(world: World) -> No
 
 
 async def test_follows_the_stream_across_a_nats_restart(
-    fresh_nats: NatsServer, docker_engine: DockerEngine, make_images: ImageMaker
+    fresh_nats: NatsServer, node: Node, make_images: ImageMaker
 ) -> None:
     refs = await make_images.make(2, SMALL)
     settings = PullerSettings(node_name="publisher", nats_url=fresh_nats.url)
     bus = Bus(settings, "test-publisher", Health())
     assert await bus.connect()
     await bus.ensure(streams=[workloads_stream(settings)])
-    world = World(fresh_nats.url, docker_engine, bus)
+    world = World(fresh_nats.url, node, bus)
     running = await world.start()
     try:
         await world.publish(workload("before", refs[0]))
@@ -569,12 +657,12 @@ async def test_follows_the_stream_across_a_nats_restart(
 
 
 async def test_low_disk_holds_pulls_until_space_is_back(
-    world: World, make_images: ImageMaker, docker_engine: DockerEngine
+    world: World, make_images: ImageMaker
 ) -> None:
     (ref,) = await make_images.make(1, SMALL)
     # A guard above the real free space makes the disk "full" without filling it.
     running = await world.start(
-        docker_root=str(docker_engine.base_dir), min_free_bytes=2**62, resync_interval="0.5s"
+        docker_root=world.engine.data_root(), min_free_bytes=2**62, resync_interval="0.5s"
     )
     await world.publish(workload("disk", ref))
     await eventually(lambda: running.puller.disk.low, 10, "guard tripped")

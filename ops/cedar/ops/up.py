@@ -13,9 +13,11 @@ With `--sandbox` nothing outside this machine is needed: a simulated Kubernetes 
 seeded from examples/ (tenant namespaces, Deployments scaled to zero and not, a DaemonSet,
 a CronJob and a GPU-only Deployment this node must not pull), a local registry
 (`docker-registry`) gets the sample images, and a private Docker engine is started when
-DOCKER_HOST does not answer. The sandbox uses its own embedded NATS server unless
-CEDAR_NATS_URL or --nats-url names one that answers, and starts from a clean state on every
-run.
+DOCKER_HOST does not answer. With `--runtime cri` the node's engine is a private containerd
+with its CRI plugin instead (what most clusters run), which the puller drives through the
+CRI, and the sample images are pushed with containerd's `ctr`: no Docker engine at all.
+The sandbox uses its own embedded NATS server unless CEDAR_NATS_URL or --nats-url names one
+that answers, and starts from a clean state on every run.
 
 A banner says what is real and what is simulated, and where the metrics and logs are; then
 a live view shows which images each node has and which SELinux level each tenant namespace
@@ -26,6 +28,8 @@ environment:
                        (default nats://127.0.0.1:4222)
   KUBECONFIG           the cluster (not used with --sandbox)
   DOCKER_HOST          the Docker engine the puller drives (default unix:///var/run/docker.sock)
+  CEDAR_RUNTIME        as --runtime: auto, docker or cri (the puller's engine)
+  CEDAR_CRI_ENDPOINT   the CRI runtime's socket, with --runtime cri outside the sandbox
   CEDAR_NODE_NAME      the node the puller acts for (default: host name; sandbox-node-1 in the
                        sandbox)
   XDG_STATE_HOME       the state directory is $XDG_STATE_HOME/cedar (default
@@ -71,6 +75,7 @@ examples:
   cedar up                                  # this cluster, this Docker engine
   cedar up --sandbox                        # everything local, nothing to configure
   cedar up --sandbox --exit-when-ready      # start, wait until warm and labelled, stop
+  cedar up --sandbox --runtime cri          # the node runs containerd, not Docker
   make up                                   # --sandbox when no kubeconfig exists
 
 --exit-when-ready waits until every service is ready, every image the nodes report is present
@@ -79,6 +84,7 @@ and (in the sandbox) every tenant namespace has a level, then stops everything a
 """
 
 SERVICES = ("watcher", "puller", "mcs-allocator")
+RUNTIMES = ("auto", "docker", "cri")
 DEFAULT_PORTS = {"watcher": 9101, "puller": 9102, "mcs-allocator": 9103}
 REGISTRY_PLACEHOLDER = "registry.cedar.example"
 SANDBOX_NODE = "sandbox-node-1"
@@ -95,6 +101,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--nats-url", metavar="URL", help="NATS server(s) (CEDAR_NATS_URL); embedded if unreachable"
+    )
+    parser.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default=None,
+        help="the engine the puller drives (CEDAR_RUNTIME; default auto); with --sandbox, cri "
+        "starts a private containerd instead of a Docker engine",
     )
     parser.add_argument(
         "--state-dir",
@@ -293,6 +306,9 @@ class Up:
         self.env = dict(os.environ)
         self.nats_url = ""
         self.expected_namespaces: set[str] = set()
+        self.runtime = args.runtime or os.environ.get("CEDAR_RUNTIME") or "auto"
+        if args.runtime:
+            self.env["CEDAR_RUNTIME"] = args.runtime
 
     def _on_stop(self, what: str, fn: Callable[[], None]) -> None:
         self._stops.append((what, fn))
@@ -340,12 +356,20 @@ class Up:
         self._on_stop("docker-registry", registry.stop)
         self.real.append(f"registry {registry.host} (docker-registry, pid {registry.pid})")
 
-        engine = await self._docker_engine(sandbox)
         images_file = examples / "images.txt"
         samples = sample_images(images_file.read_text()) if images_file.exists() else []
-        await asyncio.to_thread(self._push_samples, engine, registry, samples)
+        if self.runtime == "cri":
+            daemon = await self._containerd(sandbox, registry.host)
+            await asyncio.to_thread(self._push_samples_with_ctr, daemon, registry, samples)
+        else:
+            engine = await self._docker_engine(sandbox)
+            await asyncio.to_thread(self._push_samples, engine, registry, samples)
 
-        api = KubeAPI(bookmark_interval=30.0).start()
+        # As a cluster has them: the Deployment controller (kubectl create deployment makes
+        # ReplicaSets) and the namespaces that always exist (default, kube-system, ...).
+        api = KubeAPI(
+            bookmark_interval=30.0, deployment_controller=True, require_namespaces=True
+        ).start()
         self._on_stop("simulated Kubernetes API", api.stop)
         objects = _load_examples(examples, registry.host, local_platform_labels())
         for obj in objects:
@@ -361,6 +385,12 @@ class Up:
             f"Kubernetes API {api.url} ({len(objects)} objects from {examples}; "
             f"kubeconfig {kubeconfig})"
         )
+        self.simulated += [
+            f"kubectl: export KUBECONFIG={kubeconfig}",
+            "         kubectl get deployments -A",
+            "         kubectl set image deployment/web -n team-alpha "
+            f"web={registry.host}/tenants/web:v2   # watch it warm: cedar status",
+        ]
         self.real.append(f"sample images: {len(samples)} pushed to {registry.host}")
 
     async def _docker_engine(self, sandbox: Path) -> Any:
@@ -388,6 +418,31 @@ class Up:
         )
         return engine
 
+    async def _containerd(self, sandbox: Path, registry_host: str) -> Any:
+        """A private containerd with its CRI plugin, reaching the sandbox's registry."""
+        from cedar.sandbox.containerd import Containerd
+
+        try:
+            daemon = Containerd(sandbox / "containerd", registries=[registry_host])
+        except ValueError:  # the state directory is too deep for unix socket paths
+            short = tempfile.mkdtemp(prefix="cedar-", dir="/tmp")
+            self._on_stop("containerd files", lambda: shutil.rmtree(short, ignore_errors=True))
+            daemon = Containerd(short, registries=[registry_host])
+        await daemon.astart()
+        self._on_stop("containerd", daemon.stop)
+        self.env["CEDAR_RUNTIME"] = "cri"
+        self.env["CEDAR_CRI_ENDPOINT"] = daemon.endpoint
+        self.real.append(
+            f"containerd {daemon.endpoint} (private containerd with the CRI plugin, pid "
+            f"{daemon.pid}, data in {daemon.base_dir})"
+        )
+        return daemon
+
+    @staticmethod
+    def _push_samples_with_ctr(daemon: Any, registry: Any, samples: list[tuple[str, int]]) -> None:
+        for repo_tag, size in samples:
+            daemon.push_image(f"{registry.host}/{repo_tag}", size, auth=registry.credentials)
+
     @staticmethod
     def _push_samples(engine: Any, registry: Any, samples: list[tuple[str, int]]) -> None:
         from cedar.sandbox.images import push_image
@@ -408,6 +463,22 @@ class Up:
                 "or run `cedar up --sandbox` for a self-contained demo",
                 code=2,
             )
+        if self.runtime == "cri":
+            from cedar.sandbox.containerd import cri_answers
+
+            endpoint = (
+                self.env.get("CEDAR_CRI_ENDPOINT") or "unix:///run/containerd/containerd.sock"
+            )
+            if await asyncio.to_thread(cri_answers, endpoint):
+                self.real.append(
+                    f"CRI runtime {endpoint} (already running; not managed by cedar up)"
+                )
+            else:
+                self.real.append(
+                    f"CRI runtime {endpoint} DOES NOT ANSWER: the puller waits for it "
+                    "(set CEDAR_CRI_ENDPOINT)"
+                )
+            return
         host = self.env.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
         if await asyncio.to_thread(docker_engine_reachable, host):
             self.real.append(f"Docker engine {host} (already running; not managed by cedar up)")

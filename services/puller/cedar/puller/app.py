@@ -3,12 +3,15 @@
 `assemble` makes sure the streams and buckets exist, loads the prune clocks, reads the
 node, and builds the parts around one desired set; `Puller.run` follows the node and the
 workloads and runs the reconcile loop until `stop`. I/O: only through the parts (and
-`Bus.ensure`); the engine is chosen here, so that `--dry-run` never touches Docker.
+`Bus.ensure`); the engine is chosen here (runtime_choice.py: the Docker engine or a CRI
+runtime; the choice and why are logged), so that `--dry-run` never touches an engine.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -17,7 +20,7 @@ from cedar.proto import subjects
 from cedar.puller.credentials import CredentialStore
 from cedar.puller.desired import DesiredSet
 from cedar.puller.disk import DiskGuard
-from cedar.puller.engine import DockerImageEngine, DryRunEngine, ImageEngine
+from cedar.puller.engine import DryRunEngine, ImageEngine
 from cedar.puller.feed import DesiredFeed
 from cedar.puller.node import NodeSource
 from cedar.puller.plan import Policy
@@ -27,6 +30,7 @@ from cedar.puller.pruner import Pruner
 from cedar.puller.pulls import Pulls
 from cedar.puller.reconcile import Reconciler
 from cedar.puller.registry import RegistryProbe
+from cedar.puller.runtime_choice import RuntimeChoice, choose
 from cedar.puller.settings import PullerSettings
 from cedar.puller.status import StatusPublisher
 from cedar.runtime import topology
@@ -35,6 +39,42 @@ from cedar.runtime.health import Health
 from cedar.runtime.service import Runtime
 
 READINESS_CHECKS = ("engine", "node", "desired")
+log = logging.getLogger("cedar.puller")
+
+
+def make_engine(
+    settings: PullerSettings, node_runtime_version: str | None
+) -> tuple[ImageEngine, RuntimeChoice | None]:
+    """The engine to drive (none but the dry-run one with --dry-run), and the choice made."""
+    if settings.dry_run:
+        return DryRunEngine(), None
+    choice = choose(
+        settings.runtime,
+        cri_endpoint_setting=settings.cri_endpoint,
+        docker_host=settings.docker_host,
+        docker_host_explicit=settings.docker_host_explicit,
+        node_runtime_version=node_runtime_version,
+        exists=os.path.exists,
+    )
+    log.info(
+        "engine chosen",
+        extra={"api": choice.api, "endpoint": choice.endpoint, "why": choice.why},
+    )
+    # Only the engine driven is imported: grpc and aiodocker each cost memory on every node.
+    if choice.api == "cri":
+        from cedar.puller.cri_engine import CriImageEngine
+
+        engine: ImageEngine = CriImageEngine(
+            choice.endpoint,
+            node=settings.node,
+            call_timeout=settings.cri_timeout.total_seconds(),
+            want_labels=bool(settings.prune_label),
+        )
+    else:
+        from cedar.puller.docker_engine import DockerImageEngine
+
+        engine = DockerImageEngine(choice.endpoint)
+    return engine, choice
 
 
 @dataclass
@@ -50,6 +90,7 @@ class Puller:
     disk: DiskGuard
     status: StatusPublisher
     engine: ImageEngine
+    runtime: RuntimeChoice | None  # None in a dry run
     node_source: NodeSource
     node_version: str  # the Node's resourceVersion to watch from
 
@@ -105,9 +146,7 @@ async def assemble(
     health.set("node", True)
     desired = DesiredSet(node)
 
-    engine: ImageEngine = (
-        DryRunEngine() if settings.dry_run else DockerImageEngine(settings.docker_host)
-    )
+    engine, runtime = make_engine(settings, node_source.runtime_version)
     probe = RegistryProbe(
         ttl=settings.registry_probe_ttl.total_seconds(),
         timeout=settings.registry_probe_timeout.total_seconds(),
@@ -144,7 +183,7 @@ async def assemble(
         prune_after=settings.prune_after,
         prune_interval=settings.prune_interval,
     )
-    disk = DiskGuard(settings.docker_root, settings.min_free_bytes)
+    disk = DiskGuard(settings.docker_root, settings.min_free_bytes, engine)
     reconciler = Reconciler(
         desired=desired,
         engine=engine,
@@ -181,6 +220,7 @@ async def assemble(
         disk=disk,
         status=status,
         engine=engine,
+        runtime=runtime,
         node_source=node_source,
         node_version=node_version,
     )

@@ -1,15 +1,20 @@
-"""Run a node's puller: keep this node's Docker image cache equal to what its workloads need.
+"""Run a node's puller: keep this node's image store equal to what its workloads need.
 
 The puller follows the desired image sets on NATS (stream CEDAR_WORKLOADS), keeps the
 workloads whose pods could run on this node (nodeSelector, required node affinity,
-taints/tolerations, os/arch), pulls what is missing through the Docker engine (most-wanted
-first, at most CEDAR_MAX_CONCURRENT_PULLS at once), refreshes tags every
+taints/tolerations, os/arch), pulls what is missing (most-wanted first, at most
+CEDAR_MAX_CONCURRENT_PULLS at once) into the image store the kubelet uses, through the CRI
+of containerd or CRI-O or through the Docker engine (CEDAR_RUNTIME), refreshes tags every
 CEDAR_REFRESH_INTERVAL, prunes in-scope images nobody wanted for CEDAR_PRUNE_AFTER, and
 publishes each image's state to KV cedar-node-status.
 
 environment (each option below overrides its variable):
   CEDAR_NODE_NAME             this node's name (required; downward API spec.nodeName)
   CEDAR_NATS_URL              NATS server(s), comma separated (default nats://127.0.0.1:4222)
+  CEDAR_RUNTIME               auto, docker or cri (default auto: the Node's
+                              containerRuntimeVersion, then the usual sockets)
+  CEDAR_CRI_ENDPOINT          the CRI runtime's socket (e.g. unix:///run/containerd/containerd.sock)
+  CEDAR_CRI_TIMEOUT           limit of one CRI call other than a pull (default 30s)
   DOCKER_HOST                 Docker engine (default unix:///var/run/docker.sock)
   CEDAR_REGISTRY_AUTH_FILE    .dockerconfigjson with registry credentials (never logged)
   CEDAR_INSECURE_REGISTRIES   registries probed over http (127.0.0.1/localhost always are)
@@ -20,7 +25,8 @@ environment (each option below overrides its variable):
   CEDAR_PRUNE_REPOSITORIES    comma-separated repository prefixes that are prunable
   CEDAR_PRUNE_AFTER           prune only images undesired this long (default 72h)
   CEDAR_PRUNE_INTERVAL        prune this often, and once at start (default 24h)
-  CEDAR_DOCKER_ROOT           the engine's data root as mounted here (enables the disk guard)
+  CEDAR_DOCKER_ROOT           the engine's data root as mounted here (the disk guard; on CRI
+                              the runtime's ImageFsInfo is used without it)
   CEDAR_MIN_FREE_BYTES        below this much free space new pulls wait (default 5 GiB)
   CEDAR_PULL_TIMEOUT          give up one pull after this long (default 15m)
   CEDAR_REGISTRY_PROBE_TTL    cache of a registry's /v2/ answer (default 15s)
@@ -51,6 +57,7 @@ EPILOG = """\
 examples:
   CEDAR_NODE_NAME=node-1 cedar puller
   cedar puller --node-name node-1 --no-node-from-api --node-labels disktype=ssd
+  cedar puller --node-name node-1 --runtime cri --cri-endpoint /run/containerd/containerd.sock
   cedar puller --node-name node-1 --dry-run --from-subject cedar.replay.workloads.>
 """
 
@@ -58,6 +65,8 @@ examples:
 _OPTIONS: tuple[tuple[str, str, str], ...] = (
     ("--node-name", "node_name", "this node's name (CEDAR_NODE_NAME)"),
     ("--nats-url", "nats_url", "NATS server(s) (CEDAR_NATS_URL)"),
+    ("--runtime", "runtime", "auto, docker or cri (CEDAR_RUNTIME)"),
+    ("--cri-endpoint", "cri_endpoint", "CRI runtime socket (CEDAR_CRI_ENDPOINT)"),
     ("--docker-host", "docker_host", "Docker engine (DOCKER_HOST)"),
     ("--registry-auth-file", "registry_auth_file", ".dockerconfigjson (CEDAR_REGISTRY_AUTH_FILE)"),
     ("--insecure-registries", "insecure_registries", "http registries (CEDAR_INSECURE_REGISTRIES)"),
@@ -100,7 +109,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         dest="dry_run",
         action="store_true",
         default=None,
-        help="never touch the Docker engine: log (and record) each decision it would take",
+        help="never touch the engine: log (and record) each decision it would take",
     )
     parser.add_argument(
         "--from-subject",

@@ -1,27 +1,23 @@
-"""The image engines: the node's Docker engine through aiodocker, and the dry-run engine.
+"""The image engines' contract, the classes of their failures, and the dry-run engine.
 
-I/O: the Docker engine API at DOCKER_HOST, and only these calls: pull, list images, list
-containers (which images they use), remove an image without force. `DryRunEngine` touches
-nothing. Every failure is an `EngineError` with one reason the rest of the puller (and
+`ImageEngine` is what the puller needs of an engine: docker_engine.py implements it for the
+Docker engine API, cri_engine.py for CRI runtimes (containerd, CRI-O); app.py imports only
+the one it drives (a CRI puller never loads aiodocker, a Docker puller never loads grpc).
+`DryRunEngine` touches nothing; this module does no I/O.
+
+Every failure of an engine is an `EngineError` with one reason the rest of the puller (and
 the operator) acts on: not_found, unauthorized, timeout, invalid_reference, engine_error,
 low_disk, or registry_down (the registry could not be reached at all; it opens the breaker).
 """
 
 from __future__ import annotations
 
-import asyncio
-import re
 from collections.abc import Mapping
-from typing import Any, Protocol
-
-import aiodocker
-import aiohttp
+from dataclasses import dataclass
+from typing import Protocol
 
 from cedar.proto.imageref import ImageReference
-from cedar.puller.errors import EngineError
 from cedar.puller.prune import LocalImage
-
-_DIGEST = re.compile(r"Digest: (sha256:[0-9a-f]{64})")
 
 # Checked in order: the first class whose pattern occurs in the engine's message wins.
 _CLASSES: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -76,8 +72,31 @@ def classify(message: str) -> str:
     return "engine_error"
 
 
+@dataclass(frozen=True)
+class RuntimeVersion:
+    """Who the engine is: its own name (docker, containerd, cri-o) and version."""
+
+    name: str
+    version: str
+    api: str = ""
+
+
+@dataclass(frozen=True)
+class ImageFs:
+    """Where an engine keeps its images (a host path) and how many bytes they use."""
+
+    mountpoint: str
+    used_bytes: int
+
+
 class ImageEngine(Protocol):
     """What the puller needs from an engine; the dry-run engine implements it too."""
+
+    async def version(self) -> RuntimeVersion: ...
+
+    async def image_fs(self) -> ImageFs | None:
+        """The image filesystem, where the engine can say (the CRI's ImageFsInfo)."""
+        ...
 
     async def pull(
         self, ref: ImageReference, auth: Mapping[str, str] | None, limit: float
@@ -92,96 +111,17 @@ class ImageEngine(Protocol):
     async def close(self) -> None: ...
 
 
-def _local_image(raw: Mapping[str, Any]) -> LocalImage:
-    return LocalImage(
-        id=str(raw.get("Id", "")),
-        repo_tags=tuple(t for t in raw.get("RepoTags") or () if t != "<none>:<none>"),
-        repo_digests=tuple(d for d in raw.get("RepoDigests") or () if d != "<none>@<none>"),
-        labels=dict(raw.get("Labels") or {}),
-    )
-
-
-class DockerImageEngine:
-    """The `ImageEngine` that drives the node's Docker engine through aiodocker."""
-
-    def __init__(self, host: str) -> None:
-        self.host = host
-        self._docker: aiodocker.Docker | None = None
-
-    @property
-    def docker(self) -> aiodocker.Docker:
-        if self._docker is None:
-            self._docker = aiodocker.Docker(url=self.host)
-        return self._docker
-
-    async def close(self) -> None:
-        if self._docker is not None:
-            await self._docker.close()
-            self._docker = None
-
-    async def pull(
-        self, ref: ImageReference, auth: Mapping[str, str] | None, limit: float
-    ) -> str | None:
-        """Pull `ref`; return the manifest digest the engine reports. Raises EngineError."""
-        digest: str | None = ref.digest
-        try:
-            async with asyncio.timeout(limit):
-                stream = self.docker.images.pull(
-                    ref.pull_ref, auth=dict(auth) if auth else None, stream=True
-                )
-                async for item in stream:
-                    status = str(item.get("status", ""))
-                    match = _DIGEST.search(status)
-                    if match:
-                        digest = match.group(1)
-        except TimeoutError as err:
-            raise EngineError("timeout", f"pull did not finish within {limit:.0f}s") from err
-        except aiodocker.DockerError as err:
-            message = str(err.message)
-            if err.status == 404 and "no such image" not in message.lower():
-                raise EngineError("not_found", message) from err
-            raise EngineError(classify(message), message) from err
-        except (aiohttp.ClientError, OSError) as err:
-            raise EngineError("engine_error", f"engine unreachable: {err!r}") from err
-        return digest
-
-    async def images(self) -> list[LocalImage]:
-        try:
-            raw = await self.docker.images.list()
-        except (aiodocker.DockerError, aiohttp.ClientError, OSError) as err:
-            raise EngineError("engine_error", f"cannot list images: {err!r}") from err
-        return [_local_image(r) for r in raw]
-
-    async def used_image_ids(self) -> set[str]:
-        """Images of every container, created, running or exited."""
-        try:
-            raw = await self.docker._query_json(
-                "containers/json", method="GET", params={"all": "true"}
-            )
-        except (aiodocker.DockerError, aiohttp.ClientError, OSError) as err:
-            raise EngineError("engine_error", f"cannot list containers: {err!r}") from err
-        return {str(c.get("ImageID", "")) for c in raw if c.get("ImageID")}
-
-    async def remove(self, image: LocalImage) -> None:
-        """Remove an image without force: the engine itself refuses if a container uses it."""
-        try:
-            # An image with several names must lose each name; the last removal deletes it.
-            names = list(image.repo_tags) or [image.id]
-            for name in names:
-                await self.docker.images.delete(name, force=False)
-        except aiodocker.DockerError as err:
-            if err.status == 404:
-                return
-            raise EngineError(classify(str(err.message)), str(err.message)) from err
-        except (aiohttp.ClientError, OSError) as err:
-            raise EngineError("engine_error", f"cannot remove image: {err!r}") from err
-
-
 class DryRunEngine:
     """Touches no engine: starts empty and pretends every pull and removal succeeds."""
 
     def __init__(self) -> None:
         self._present: dict[str, LocalImage] = {}
+
+    async def version(self) -> RuntimeVersion:
+        return RuntimeVersion("dry-run", "")
+
+    async def image_fs(self) -> ImageFs | None:
+        return None
 
     async def pull(
         self, ref: ImageReference, auth: Mapping[str, str] | None, limit: float

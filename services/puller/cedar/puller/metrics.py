@@ -48,3 +48,8 @@ WARM_SECONDS = Gauge(
 )
 DISK_FREE = Gauge("cedar_puller_disk_free_bytes", "Free bytes on the engine's data root.")
 DISK_LOW = Gauge("cedar_puller_disk_low", "1 while free disk is below the guard and pulls wait.")
+RUNTIME_INFO = Gauge(
+    "cedar_puller_runtime_info",
+    "1 for the engine this puller drives: its own name (docker, containerd, cri-o) and version.",
+    ["runtime", "version"],
+)

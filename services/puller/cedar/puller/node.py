@@ -3,7 +3,9 @@
 I/O: the Kubernetes API (get and watch of this one Node) through cedar.runtime.kube.
 When `CEDAR_NODE_FROM_API` is false, or no Kubernetes configuration is available (a
 sandbox, a test), they come from `CEDAR_NODE_LABELS` / `CEDAR_NODE_TAINTS` instead, with the
-local `kubernetes.io/os` and `kubernetes.io/arch` unless those are given.
+local `kubernetes.io/os` and `kubernetes.io/arch` unless those are given. The Node's
+`status.nodeInfo.containerRuntimeVersion` (`containerd://1.7.2`) is kept for choosing the
+engine (runtime_choice.py).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class NodeSource:
         self.settings = settings
         self.client: KubeClient | None = None
         self.current: NodeInfo | None = None
+        self.runtime_version: str | None = None  # status.nodeInfo.containerRuntimeVersion
         name = settings.node
         self._static = static_node(name, settings.node_labels, settings.node_taints)
         if settings.node_from_api:
@@ -79,6 +82,9 @@ class NodeSource:
                     await asyncio.wait_for(stop.wait(), delay)
                 continue
             rv = str((obj.get("metadata") or {}).get("resourceVersion", ""))
+            info = (obj.get("status") or {}).get("nodeInfo") or {}
+            reported = info.get("containerRuntimeVersion") if isinstance(info, dict) else None
+            self.runtime_version = str(reported) if reported else None
             return node_from_object(obj), rv
         return None
 

@@ -5,7 +5,9 @@ dirty, and one pass lists the engine, starts pulls (at most CEDAR_MAX_CONCURRENT
 most-wanted first, not while the disk guard holds), refreshes tags that are due, records
 evictions and skips, runs the prune when due, and publishes status. Nothing depends on
 having seen every event. I/O: the image engine (list), the disk guard, status and
-decisions (status.py), the prune (pruner.py) and the pulls (pulls.py); the image metrics.
+decisions (status.py), the prune (pruner.py) and the pulls (pulls.py); the image metrics
+and cedar_puller_runtime_info (the engine's name and version, read again after an outage).
+While the engine does not answer, /readyz says why and the loop retries every few seconds.
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ class Reconciler:
         self.warm = asyncio.Event()
         self.started = started  # monotonic time the puller started, for "warm after"
         self._skips: dict[str, tuple[frozenset[str], str]] = {}
+        self._described = False  # the engine's version is read and exported
 
     def note_change(self, change: Change) -> None:
         """Take a change of the desired set into account at the next pass."""
@@ -106,6 +109,7 @@ class Reconciler:
                     wakeup = await self.reconcile()
                 except EngineError as err:
                     self.health.set("engine", False, err.message)
+                    self._described = False
                     log.warning("engine unavailable; retrying", extra={"error": err.message})
                     wakeup = time.monotonic() + min(5.0, resync)
             timeout = resync
@@ -141,9 +145,11 @@ class Reconciler:
 
         listed_at = time.monotonic()
         local = await self.engine.images()
+        if not self._described:
+            await self._describe()
         self.health.set("engine", True)
         index = present_index(local)
-        disk_low = self.disk.check()
+        disk_low = await self.disk.check()
 
         present: dict[str, str | None] = {}
         for image in desired.images():
@@ -223,6 +229,16 @@ class Reconciler:
             candidates.append(now + max(0.0, expiry.timestamp() - wall))
         times = [t for t in candidates if t is not None]
         return min(times) if times else None
+
+    async def _describe(self) -> None:
+        version = await self.engine.version()
+        metrics.RUNTIME_INFO.clear()
+        metrics.RUNTIME_INFO.labels(runtime=version.name, version=version.version).set(1)
+        log.info(
+            "engine answers",
+            extra={"runtime": version.name, "version": version.version, "api": version.api},
+        )
+        self._described = True
 
     def _check_warm(self) -> None:
         if self.warm.is_set() or not self.synced.is_set():

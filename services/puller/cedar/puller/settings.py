@@ -6,6 +6,7 @@ Reads only the process environment (through pydantic-settings), once, when built
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Literal
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import SettingsConfigDict
@@ -27,6 +28,20 @@ class PullerSettings(CommonSettings):
         default="unix:///var/run/docker.sock",
         validation_alias=AliasChoices("DOCKER_HOST", "CEDAR_DOCKER_HOST"),
         description="The Docker engine to drive.",
+    )
+    runtime: Literal["auto", "docker", "cri"] = Field(
+        default="auto",
+        description="The engine to drive: the Docker engine API, the CRI (containerd, CRI-O), "
+        "or auto (the Node's containerRuntimeVersion, then the usual sockets).",
+    )
+    cri_endpoint: str | None = Field(
+        default=None,
+        description="The CRI runtime's socket (unix:///run/containerd/containerd.sock); "
+        "setting it means CEDAR_RUNTIME=auto picks the CRI.",
+    )
+    cri_timeout: Duration = Field(
+        default=timedelta(seconds=30),
+        description="Limit of one CRI call other than a pull (a pull has CEDAR_PULL_TIMEOUT).",
     )
     registry_auth_file: str | None = Field(
         default=None, description="A .dockerconfigjson file with registry credentials."
@@ -92,6 +107,11 @@ class PullerSettings(CommonSettings):
                 "CEDAR_NODE_NAME is required (the downward API's spec.nodeName)"
             )
         return self.node_name
+
+    @property
+    def docker_host_explicit(self) -> bool:
+        """Whether DOCKER_HOST was set (not the default): auto then keeps to the Docker engine."""
+        return "docker_host" in self.model_fields_set
 
     @property
     def prune_prefixes(self) -> tuple[str, ...]:
