@@ -1,9 +1,10 @@
-"""Asynchronous access to the Kubernetes API, on raw JSON.
+"""Asynchronous access to the Kubernetes API, on raw JSON. I/O: the API server.
 
-Configuration (kubeconfig, or the in-cluster service account) is loaded by the official
-`kubernetes` client; requests go through aiohttp so that every service stays on one
-event loop and reads only the fields it needs from plain dicts, never the client's
-typed models (which cost ~20x more per object at list time).
+Requests go through aiohttp so that every service stays on one event loop and reads only
+the fields it needs from plain dicts, never the client library's typed models (which cost
+~20x more per object at list time). In a pod, the service account is read here directly,
+as client-go's rest.InClusterConfig does; a kubeconfig file is parsed by the official
+`kubernetes` library, imported only then (it costs ~14 MiB of memory per process).
 """
 
 from __future__ import annotations
@@ -12,14 +13,13 @@ import asyncio
 import json
 import os
 import ssl
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-from kubernetes import config as kube_config
-from kubernetes.client import Configuration
 
 from cedar.runtime.errors import (
     Conflict,
@@ -42,6 +42,7 @@ __all__ = [
     "KubeConfigError",
     "KubeError",
     "NotFound",
+    "in_cluster_config",
     "load_config",
     "resource_path",
 ]
@@ -82,48 +83,116 @@ def _error_for(status: int, body: Any) -> KubeError:
     return cls(status, reason or "Error", message)
 
 
+# The pod's service account, where the kubelet mounts it.
+SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+# Bound service account tokens rotate; client-go re-reads the file at most once a minute.
+TOKEN_REREAD_SECONDS = 60.0
+
+
 @dataclass
 class KubeConfig:
+    """Where the API server is and how to authenticate to it."""
+
     server: str
-    configuration: Configuration
+    # The Authorization header's value, asked before every request (tokens rotate).
+    authorization: Callable[[], str | None] = field(default=lambda: None)
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    verify: bool = True
 
     def headers(self) -> dict[str, str]:
-        cfg = self.configuration
-        if cfg.refresh_api_key_hook is not None:  # in-cluster tokens rotate
-            cfg.refresh_api_key_hook(cfg)
-        token = cfg.get_api_key_with_prefix("authorization")
+        token = self.authorization()
         return {"Authorization": token} if token else {}
 
     def ssl_context(self) -> ssl.SSLContext | bool:
-        cfg = self.configuration
-        if not self.server.startswith("https"):
+        if not self.server.startswith("https") or not self.verify:
             return False
-        if not cfg.verify_ssl:
-            return False
-        context = ssl.create_default_context(cafile=cfg.ssl_ca_cert)
-        if cfg.cert_file:
-            context.load_cert_chain(cfg.cert_file, cfg.key_file)
+        context = ssl.create_default_context(cafile=self.ca_file)
+        if self.cert_file:
+            context.load_cert_chain(self.cert_file, self.key_file)
         return context
+
+
+class _TokenFile:
+    """A bearer token read from a file, re-read once a minute (it rotates)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._value = ""
+        self._read_at = -TOKEN_REREAD_SECONDS
+        self()  # fail at start, not at the first request, when it cannot be read
+
+    def __call__(self) -> str | None:
+        now = time.monotonic()
+        if now - self._read_at >= TOKEN_REREAD_SECONDS:
+            try:
+                self._value = self.path.read_text().strip()
+            except OSError as err:
+                if not self._value:
+                    raise KubeConfigError(f"cannot read the service account token: {err}") from err
+                # Keep the last token: the kubelet swaps the file atomically, so this passes.
+            self._read_at = now
+        return f"Bearer {self._value}" if self._value else None
+
+
+def in_cluster_config(environ: dict[str, str] | None = None) -> KubeConfig:
+    """The pod's service account (client-go rest.InClusterConfig's rules)."""
+    env = os.environ if environ is None else environ
+    host, port = env.get("KUBERNETES_SERVICE_HOST", ""), env.get("KUBERNETES_SERVICE_PORT", "")
+    if not host or not port:
+        raise KubeConfigError(
+            "not in a pod: KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT are not set"
+        )
+    if ":" in host:  # IPv6
+        host = f"[{host}]"
+    ca = SERVICE_ACCOUNT_DIR / "ca.crt"
+    return KubeConfig(
+        server=f"https://{host}:{port}",
+        authorization=_TokenFile(SERVICE_ACCOUNT_DIR / "token"),
+        ca_file=str(ca) if ca.exists() else None,
+    )
+
+
+def _kubeconfig_file(path: str) -> KubeConfig:
+    """A kubeconfig file, parsed by the `kubernetes` library (exec plugins, contexts, ...)."""
+    from kubernetes import config as kube_config
+    from kubernetes.client import Configuration
+
+    cfg = Configuration()
+    try:
+        kube_config.load_kube_config(config_file=path, client_configuration=cfg)  # type: ignore[no-untyped-call]
+    except (kube_config.ConfigException, OSError, ValueError) as err:
+        raise KubeConfigError(f"cannot use kubeconfig {path}: {err}") from err
+
+    def authorization() -> str | None:
+        if cfg.refresh_api_key_hook is not None:  # exec plugins' tokens expire
+            cfg.refresh_api_key_hook(cfg)
+        token: str | None = cfg.get_api_key_with_prefix("authorization")
+        return token
+
+    return KubeConfig(
+        server=cfg.host.rstrip("/"),
+        authorization=authorization,
+        ca_file=cfg.ssl_ca_cert,
+        cert_file=cfg.cert_file,
+        key_file=cfg.key_file,
+        verify=bool(cfg.verify_ssl),
+    )
 
 
 def load_config(kubeconfig: str | None = None) -> KubeConfig:
     """KUBECONFIG or ~/.kube/config when present, else the pod's service account."""
-    cfg = Configuration()
     path = kubeconfig or os.environ.get("KUBECONFIG") or str(Path.home() / ".kube" / "config")
     if Path(path.split(os.pathsep)[0]).exists():
-        try:
-            kube_config.load_kube_config(config_file=path, client_configuration=cfg)  # type: ignore[no-untyped-call]
-        except (kube_config.ConfigException, OSError, ValueError) as err:
-            raise KubeConfigError(f"cannot use kubeconfig {path}: {err}") from err
-    else:
-        try:
-            kube_config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
-        except kube_config.ConfigException as err:
-            raise KubeConfigError(
-                f"no Kubernetes configuration: {path} does not exist and this is not a pod "
-                f"({err}); set KUBECONFIG"
-            ) from err
-    return KubeConfig(server=cfg.host.rstrip("/"), configuration=cfg)
+        return _kubeconfig_file(path)
+    try:
+        return in_cluster_config()
+    except KubeConfigError as err:
+        raise KubeConfigError(
+            f"no Kubernetes configuration: {path} does not exist and this is not a pod "
+            f"({err}); set KUBECONFIG"
+        ) from err
 
 
 class KubeClient:
