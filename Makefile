@@ -9,7 +9,7 @@ APT_PACKAGES := docker.io containerd runc docker-registry prometheus docker-comp
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: test up deps system-deps lint typecheck pytest bench schemas cri-stubs clean
+.PHONY: test long-tests up deps system-deps lint typecheck pytest bench schemas cri-stubs clean
 
 test: deps lint typecheck pytest
 
@@ -55,8 +55,15 @@ lint: deps
 typecheck: deps
 	$(VENV)/bin/mypy $(PACKAGE_DIRS)
 
+# The long suites (soak: 20 minutes of churn; chaos at full size) run in `make long-tests`,
+# which CI runs after `make test`.
+LONG_MARKERS := soak or long
+
 pytest: deps
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not ($(LONG_MARKERS))" $(PYTEST_ARGS)
+
+long-tests: deps
+	$(PY) -m pytest -m "$(LONG_MARKERS)" $(PYTEST_ARGS)
 
 schemas: deps
 	$(PY) -m cedar.proto.schemas

@@ -3,7 +3,9 @@
 Markers are applied here, by one rule, so that no test file has to remember them:
 `integration` for every test that talks to a real server (it lives in tests/integration/ or
 tests/e2e/, or uses a server fixture), `e2e` for the operator commands run end to end, and
-`deploy` for the checks of deploy/ (kubectl, checkov, promtool, docker, nats-server).
+`deploy` for the checks of deploy/ (kubectl, checkov, promtool, docker, nats-server), and
+`soak` for tests/soak/ (20 minutes; `make long-tests`, not `make test`). A fault suite that
+also has a full-size variant marks that variant `long` itself.
 """
 
 from __future__ import annotations
@@ -49,8 +51,8 @@ SERVER_FIXTURES = frozenset(
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         folder = Path(str(item.path)).parent.name
-        if folder in ("e2e", "deploy"):
+        if folder in ("e2e", "deploy", "soak"):
             item.add_marker(folder)
         uses_server = SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ()))
-        if folder in ("integration", "e2e") or uses_server:
+        if folder in ("integration", "e2e", "chaos", "soak") or uses_server:
             item.add_marker("integration")
