@@ -1,0 +1,1 @@
+"""The fleet simulation of issue 15 (bench/fleet/README.md)."""
