@@ -21,7 +21,11 @@ that answers, and starts from a clean state on every run.
 
 A banner says what is real and what is simulated, and where the metrics and logs are; then
 a live view shows which images each node has and which SELinux level each tenant namespace
-got. Ctrl-C (or SIGTERM) stops every process `cedar up` started, by PID, and nothing else.
+got. Every way out stops every process `cedar up` started, by PID, and nothing else:
+Ctrl-C, SIGTERM, SIGHUP (the terminal closed), a closed stdout (its reader, such as `tee`,
+is gone) and an error. The services run in sessions of their own, so that a Ctrl-C reaches
+`cedar up` alone and it stops them in order; should `cedar up` itself be SIGKILLed, the
+kernel sends each process it started SIGTERM (PR_SET_PDEATHSIG).
 
 environment:
   CEDAR_NATS_URL       NATS server(s); an embedded server is started when it does not answer
@@ -48,12 +52,9 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -69,6 +70,7 @@ from cedar.ops import natsio
 from cedar.ops.desired import state_of
 from cedar.ops.errors import OpsError
 from cedar.ops.tables import render
+from cedar.ops.up_process import EXIT_STDOUT_CLOSED, Child, Console, Outcome, unless_stopped
 
 EPILOG = """\
 examples:
@@ -81,6 +83,12 @@ examples:
 --exit-when-ready waits until every service is ready, every image the nodes report is present
 and (in the sandbox) every tenant namespace has a level, then stops everything and exits 0
 (1 after --timeout or when a service dies). It is what tests and `make up` checks use.
+
+exit status, once everything cedar up started is stopped (whatever the way out): 0 ready
+(--exit-when-ready) or Ctrl-C in the live view; 1 an error (a server that does not start,
+a service that exits under --exit-when-ready, --timeout); 2 bad options or examples;
+128+N stopped by signal N (130 Ctrl-C while starting or under --exit-when-ready, 143
+SIGTERM, 129 SIGHUP: the terminal closed); 141 stdout closed (its reader is gone).
 """
 
 SERVICES = ("watcher", "puller", "mcs-allocator")
@@ -90,6 +98,7 @@ REGISTRY_PLACEHOLDER = "registry.cedar.example"
 SANDBOX_NODE = "sandbox-node-1"
 TENANT_LABEL = "cedar.io/tenant"
 CHILD_STOP_GRACE = 25.0  # services finish in-flight work within 20 s of SIGTERM
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -174,13 +183,18 @@ def rewrite_registry(text: str, registry_host: str) -> str:
 
 
 def sample_images(text: str) -> list[tuple[str, int]]:
-    """`repository:tag size` lines of examples/images.txt (comments and blanks skipped)."""
+    """`repository:tag size` lines of examples/images.txt (comments and blanks skipped).
+
+    Raises ValueError, naming the line, for a size that is not a number of bytes.
+    """
     images = []
-    for raw in text.splitlines():
+    for number, raw in enumerate(text.splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
         parts = line.split()
+        if len(parts) > 1 and not parts[1].isdigit():
+            raise ValueError(f"line {number}: size {parts[1]!r} is not a number of bytes")
         size = int(parts[1]) if len(parts) > 1 else 1_000_000
         images.append((parts[0], size))
     return images
@@ -215,62 +229,6 @@ class Snapshot:
         return bool(self.images) and all(row[2] == "present" for row in self.images)
 
 
-# --- processes ------------------------------------------------------------------------------
-
-
-@dataclass
-class Child:
-    name: str
-    env: dict[str, str]
-    log_path: Path
-    metrics_port: int
-    popen: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as log:
-            self.popen = subprocess.Popen(
-                [sys.executable, "-m", "cedar.cli", self.name],
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                # Its own session: the terminal's Ctrl-C reaches `cedar up` only, which then
-                # stops the services in order instead of all at once.
-                start_new_session=True,
-            )
-
-    @property
-    def pid(self) -> int:
-        assert self.popen is not None
-        return self.popen.pid
-
-    def exit_code(self) -> int | None:
-        return None if self.popen is None else self.popen.poll()
-
-    def ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(
-                f"http://127.0.0.1:{self.metrics_port}/readyz", timeout=1.0
-            ) as resp:
-                return bool(resp.status == 200)
-        except (urllib.error.URLError, OSError):
-            return False
-
-    def terminate(self) -> None:
-        if self.popen is not None and self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-
-    def wait_or_kill(self, deadline: float) -> None:
-        if self.popen is None:
-            return
-        try:
-            self.popen.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait(5)
-
-
 def _free_or(port: int) -> int:
     from cedar.sandbox.procs import free_port
 
@@ -296,8 +254,9 @@ async def _nats_answers(url: str) -> bool:
 class Up:
     """Everything `cedar up` starts, in order, so that it can be stopped in reverse."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, console: Console | None = None) -> None:
         self.args = args
+        self.console = console or Console()
         self.state = state_dir(args.state_dir, dict(os.environ))
         self.real: list[str] = []
         self.simulated: list[str] = []
@@ -312,6 +271,23 @@ class Up:
 
     def _on_stop(self, what: str, fn: Callable[[], None]) -> None:
         self._stops.append((what, fn))
+
+    async def _start_server(self, what: str, server: Any) -> None:
+        """Start a sandbox server (a ManagedProcess), to be stopped even if the start is cut
+        short: a signal cancels the wait, not the start in its worker thread, and `stop()`
+        waits for that start to end before it stops the process."""
+        server.parent_death_signal = signal.SIGTERM  # should `cedar up` be SIGKILLed
+        self._on_stop(what, server.stop)
+        await server.astart()
+
+    async def start(self) -> None:
+        """Everything, in order: each piece is registered for `stop()` as it starts."""
+        if not self.args.sandbox:
+            await self.check_cluster()
+        await self.start_nats()
+        if self.args.sandbox:
+            await self.start_sandbox()
+        self.start_services()
 
     # --- pieces ---------------------------------------------------------------------------
 
@@ -331,8 +307,7 @@ class Up:
             local = local_address(url)
             port = _free_or(local[1]) if local else None
         server = NatsServer(store, port, log_path=self.state / "logs" / "nats-server.log")
-        await server.astart()
-        self._on_stop("nats-server", server.stop)
+        await self._start_server("nats-server", server)
         self.nats_url = server.url
         self.real.append(
             f"NATS {server.url} (embedded nats-server, pid {server.pid}, data in {store})"
@@ -352,12 +327,14 @@ class Up:
             )
         sandbox = self.state / "sandbox"
         registry = Registry(sandbox / "registry")
-        await registry.astart()
-        self._on_stop("docker-registry", registry.stop)
+        await self._start_server("docker-registry", registry)
         self.real.append(f"registry {registry.host} (docker-registry, pid {registry.pid})")
 
         images_file = examples / "images.txt"
-        samples = sample_images(images_file.read_text()) if images_file.exists() else []
+        try:
+            samples = sample_images(images_file.read_text()) if images_file.exists() else []
+        except ValueError as err:
+            raise OpsError(f"{images_file}: {err}", code=2) from err
         if self.runtime == "cri":
             daemon = await self._containerd(sandbox, registry.host)
             await asyncio.to_thread(self._push_samples_with_ctr, daemon, registry, samples)
@@ -409,8 +386,7 @@ class Up:
             short = tempfile.mkdtemp(prefix="cedar-", dir="/tmp")
             self._on_stop("dockerd files", lambda: shutil.rmtree(short, ignore_errors=True))
             engine = DockerEngine(short)
-        await engine.astart()
-        self._on_stop("dockerd", engine.stop)
+        await self._start_server("dockerd", engine)
         self.env["DOCKER_HOST"] = engine.host
         self.real.append(
             f"Docker engine {engine.host} (private dockerd, pid {engine.pid}, data in "
@@ -428,8 +404,7 @@ class Up:
             short = tempfile.mkdtemp(prefix="cedar-", dir="/tmp")
             self._on_stop("containerd files", lambda: shutil.rmtree(short, ignore_errors=True))
             daemon = Containerd(short, registries=[registry_host])
-        await daemon.astart()
-        self._on_stop("containerd", daemon.stop)
+        await self._start_server("containerd", daemon)
         self.env["CEDAR_RUNTIME"] = "cri"
         self.env["CEDAR_CRI_ENDPOINT"] = daemon.endpoint
         self.real.append(
@@ -543,7 +518,7 @@ class Up:
             try:
                 fn()
             except Exception as err:  # keep stopping the rest
-                print(f"cedar up: stopping {what} failed: {err}", file=sys.stderr)
+                self.console.err(f"cedar up: stopping {what} failed: {err}")
         self._stops.clear()
 
     # --- the view ---------------------------------------------------------------------------
@@ -601,7 +576,11 @@ def _load_examples(
     objects: list[dict[str, Any]] = []
     for path in sorted(examples.glob("*.yaml")):
         text = rewrite_registry(path.read_text(), registry_host)
-        for doc in yaml.safe_load_all(text):
+        try:
+            docs = list(yaml.safe_load_all(text))
+        except yaml.YAMLError as err:
+            raise OpsError(f"{path} is not valid YAML: {err}", code=2) from err
+        for doc in docs:
             if not isinstance(doc, dict):
                 continue
             if doc.get("kind") == "Node":
@@ -620,76 +599,90 @@ async def _connect_view(url: str) -> NatsClient | None:
     return None
 
 
+async def _view(up: Up, nc: NatsClient | None, stop: asyncio.Event, outcome: Outcome) -> None:
+    """The live view, until a signal, a closed stdout, readiness or a give-up."""
+    args, console = up.args, up.console
+    deadline = time.monotonic() + args.timeout
+    last = ""
+    while not stop.is_set():
+        snap = await up.snapshot(nc)
+        if not args.quiet and snap.key() != last:
+            console.out(snap.render())
+            last = snap.key()
+        if console.stdout_gone():
+            outcome.first(EXIT_STDOUT_CLOSED, "stdout is closed (its reader is gone)")
+            return
+        if args.exit_when_ready:
+            if up.ready(snap):
+                console.out("cedar up: ready (warm and labelled); stopping")
+                outcome.first(0, "ready")
+                return
+            if any(c.exit_code() is not None for c in up.children):
+                console.err("cedar up: a service exited; stopping")
+                outcome.first(1, "a service exited")
+                return
+            if time.monotonic() > deadline:
+                console.err(f"cedar up: not ready after {args.timeout:.0f}s; stopping")
+                outcome.first(1, "not ready in time")
+                return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), args.interval)
+
+
 async def run(args: argparse.Namespace) -> int:
-    up = Up(args)
+    console = Console()
+    up = Up(args, console)
+    outcome = Outcome()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
+    viewing = False
+
+    def on_signal(signum: int) -> None:
+        name = signal.Signals(signum).name
+        if outcome.code is None and signum != signal.SIGINT:  # ^C is on the terminal already
+            console.err(f"cedar up: {name} received")
+        # Ctrl-C is how the live view is ended: once everything is stopped, that is success
+        # (exit 0). Before that, or while --exit-when-ready waits, it is an interruption.
+        done = signum == signal.SIGINT and viewing and not args.exit_when_ready
+        outcome.signalled(0 if done else 128 + signum, name)
+        stop.set()
+
+    # Before anything starts: from here on every way out goes through `finally`.
+    for signum in STOP_SIGNALS:
+        loop.add_signal_handler(signum, on_signal, signum)
     nc: NatsClient | None = None
-    code = 0
     try:
         (up.state / "logs").mkdir(parents=True, exist_ok=True)
         if args.sandbox:
             # A clean sandbox each run: last run's workloads name a registry port that is gone.
             shutil.rmtree(up.state / "sandbox", ignore_errors=True)
-        print("cedar up: starting ...", file=sys.stderr, flush=True)
-        if not args.sandbox:
-            await up.check_cluster()
-        await up.start_nats()
-        if stop.is_set():
-            return 130
-        if args.sandbox:
-            await up.start_sandbox()
-        if stop.is_set():
-            return 130
-        up.start_services()
-        print(up.banner(), flush=True)
-        nc = await _connect_view(up.nats_url)
-        deadline = time.monotonic() + args.timeout
-        last = ""
-        while not stop.is_set():
-            snap = await up.snapshot(nc)
-            if not args.quiet and snap.key() != last:
-                print(snap.render(), flush=True)
-                last = snap.key()
-            if args.exit_when_ready:
-                if up.ready(snap):
-                    print("cedar up: ready (warm and labelled); stopping", flush=True)
-                    break
-                if any(c.exit_code() is not None for c in up.children):
-                    print("cedar up: a service exited; stopping", file=sys.stderr)
-                    code = 1
-                    break
-                if time.monotonic() > deadline:
-                    print(
-                        f"cedar up: not ready after {args.timeout:.0f}s; stopping", file=sys.stderr
-                    )
-                    code = 1
-                    break
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), args.interval)
+        console.err("cedar up: starting ...")
+        if await unless_stopped(up.start(), stop):
+            console.out(up.banner())
+            viewing = True
+            nc = await _connect_view(up.nats_url)
+            await _view(up, nc, stop, outcome)
+        if outcome.code == EXIT_STDOUT_CLOSED:
+            console.err(f"cedar up: {outcome.why}; stopping")
     except OpsError as err:
-        print(f"cedar up: {err}", file=sys.stderr)
-        code = err.code
+        outcome.first(err.code, str(err))
+        console.err(f"cedar up: {err}")
     except Exception as err:
-        print(f"cedar up: {err.__class__.__name__}: {err}", file=sys.stderr)
-        code = 1
+        outcome.first(1, str(err))
+        console.err(f"cedar up: {err.__class__.__name__}: {err}")
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            # A second Ctrl-C must not interrupt the stop and leave processes behind.
-            loop.add_signal_handler(signum, _still_stopping)
+        for signum in STOP_SIGNALS:
+            # Another Ctrl-C (or the terminal closing) must not cut the stop short.
+            loop.add_signal_handler(signum, console.err, "cedar up: still stopping, please wait")
         if nc is not None:
-            with contextlib.suppress(NatsError, TimeoutError):
-                await nc.close()
-        print("cedar up: stopping everything it started ...", file=sys.stderr, flush=True)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(nc.close(), 5)
+        console.err("cedar up: stopping everything it started ...")
+        # Should this task be cancelled, asyncio.run still waits for this thread to finish.
         await asyncio.to_thread(up.stop)
-        print("cedar up: stopped", file=sys.stderr, flush=True)
-    return code
-
-
-def _still_stopping() -> None:
-    print("cedar up: still stopping, please wait", file=sys.stderr, flush=True)
+        console.err("cedar up: stopped")
+        console.stdout_gone()  # if so, the interpreter's last flush goes to /dev/null
+    return outcome.code or 0
 
 
 def main(args: argparse.Namespace) -> int:

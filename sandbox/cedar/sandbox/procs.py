@@ -1,7 +1,8 @@
 """Process plumbing shared by the sandbox servers (NATS, Docker engine, registry).
 
 I/O: starts child processes (their output in a log file), signals processes by PID, reads
-``/proc`` and binds local TCP ports to find free ones. Every server is a real child
+``/proc``, binds local TCP ports to find free ones, and asks the Linux kernel (``prctl``)
+to signal a child when its parent dies. Every server is a real child
 process: started, waited on until it answers, and stopped by PID (SIGTERM, then SIGKILL
 after a grace period). Blocking methods are the primitive; the ``a``-prefixed twins run
 them in a worker thread so that asyncio code (tests, ``cedar up --sandbox``) does not stall
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import ctypes
 import os
 import random
 import shutil
@@ -31,6 +33,7 @@ from cedar.sandbox.errors import BinaryNotFoundError, ServerStartError, WaitTime
 
 __all__ = [
     "ManagedProcess",
+    "exit_with_parent",
     "find_binary",
     "free_port",
     "kill_pid",
@@ -173,6 +176,33 @@ def kill_pid(pid: int, *, grace: float = 10.0, group: bool = False) -> None:
         wait_for(lambda: not pid_alive(pid), 5.0, what=f"exit of pid {pid}")
 
 
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def exit_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the kernel send ``sig`` to the child when its parent dies.
+
+    The last resort of a parent that is SIGKILLed and so cannot stop its children itself.
+    Linux's "parent" is the *thread* that started the child: start it from one that outlives
+    the child (the main thread; an executor's worker lives until its executor is shut
+    down). ``None`` where ``prctl`` does not exist (not Linux). Everything the child runs is
+    resolved here, before the fork, so that the child makes three system calls (``prctl``,
+    ``getppid``, ``kill``) and takes no lock another thread may have held at the fork: the
+    reason ``preexec_fn`` is unsafe with threads does not apply.
+    """
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent, getppid, getpid, kill = os.getpid(), os.getppid, os.getpid, os.kill
+
+    def preexec() -> None:
+        if prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0) == 0 and getppid() != parent:
+            kill(getpid(), sig)  # the parent died between the fork and the prctl
+
+    return preexec
+
+
 def log_tail(path: Path, lines: int = 40) -> str:
     """The last ``lines`` lines of a log file ('' when it does not exist)."""
     try:
@@ -215,6 +245,10 @@ class ManagedProcess:
     start_timeout: float = 30.0
     #: Seconds between SIGTERM and SIGKILL.
     stop_grace: float = 10.0
+    #: When set (on an instance, before :meth:`start`), the kernel sends this signal to the
+    #: process when the thread that started it exits: for a parent that may be SIGKILLed
+    #: (``cedar up``). See :func:`exit_with_parent`.
+    parent_death_signal: int | None = None
 
     def __init__(self, log_path: Path) -> None:
         self.log_path = Path(log_path)
@@ -275,6 +309,11 @@ class ManagedProcess:
                     stderr=subprocess.STDOUT,
                     env=dict(env) if env is not None else None,
                     start_new_session=True,
+                    preexec_fn=(  # noqa: PLW1509 - only syscalls; see exit_with_parent
+                        exit_with_parent(self.parent_death_signal)
+                        if self.parent_death_signal is not None
+                        else None
+                    ),
                 )
             except OSError as exc:
                 log.close()
