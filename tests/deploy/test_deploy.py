@@ -390,7 +390,7 @@ def test_admission_policy_lets_only_the_allocator_touch_the_level(
 # --- checkov ------------------------------------------------------------------------------
 
 
-def _checkov_failures(framework: str, directory: Path) -> set[tuple[str, str]]:
+def checkov_failures(framework: str, directory: Path) -> set[tuple[str, str]]:
     checkov = tools_venv("checkov")
     proc = run(
         [
@@ -433,7 +433,7 @@ def _check_against_skips(failures: set[tuple[str, str]], skips: list[dict[str, A
 
 def test_checkov_kubernetes(rendered: list[dict[str, Any]], tmp_path: Path) -> None:
     (tmp_path / "cedar.yaml").write_text(yaml.safe_dump_all(rendered))
-    failures = _checkov_failures("kubernetes", tmp_path)
+    failures = checkov_failures("kubernetes", tmp_path)
     skips = yaml.safe_load((DEPLOY / "checkov-skips.yaml").read_text())["skips"]
     k8s_skips = [s for s in skips if s["check"].startswith("CKV_K8S_")]
     _check_against_skips(failures, k8s_skips)
@@ -441,7 +441,7 @@ def test_checkov_kubernetes(rendered: list[dict[str, Any]], tmp_path: Path) -> N
 
 def test_checkov_dockerfile(tmp_path: Path) -> None:
     shutil.copy(REPO / "Dockerfile", tmp_path / "Dockerfile")
-    failures = _checkov_failures("dockerfile", tmp_path)
+    failures = checkov_failures("dockerfile", tmp_path)
     skips = yaml.safe_load((DEPLOY / "checkov-skips.yaml").read_text())["skips"]
     _check_against_skips(failures, [s for s in skips if s["check"].startswith("CKV_DOCKER_")])
 
@@ -590,6 +590,8 @@ async def connect(accounts_nats: AccountsNatsServer) -> AsyncIterator[Any]:
 
         nc = await nats.connect(
             accounts_nats.url,
+            # Each user may receive replies only on its own inbox prefix (accounts.conf).
+            inbox_prefix=f"_INBOX.cedar-{user}",
             user=user,
             password=PASSWORDS[user],
             error_cb=on_error,

@@ -69,7 +69,14 @@ def puller(docs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def test_every_component_is_listed_and_documented() -> None:
-    assert {p.name for p in COMPONENTS.iterdir() if p.is_dir()} == set(EXPECTED)
+    # Every component that chooses the puller's runtime is one of these (other components,
+    # such as the NATS auth callout's, choose nothing of the kind).
+    choosing = {
+        p.name
+        for p in COMPONENTS.iterdir()
+        if p.is_dir() and any("CEDAR_RUNTIME" in f.read_text() for f in p.glob("*.yaml"))
+    }
+    assert choosing == set(EXPECTED)
     guide = (REPO / "docs" / "deploying.md").read_text()
     for component in EXPECTED:
         assert f"deploy/components/{component}" in guide, component

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import queue
 import threading
+import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -12,8 +15,10 @@ import kubernetes
 import pytest
 from kubernetes.client import ApiClient, ApiException, AppsV1Api, CoreV1Api
 
+from cedar.runtime.kube import KubeClient, load_config
 from cedar.sandbox.errors import ApiError, SandboxError, UnknownResourceError
 from cedar.sandbox.kubeapi import KubeAPI
+from cedar.sandbox.kubeapi_controls import per_second
 from cedar.sandbox.kubeapi_ops import apply_patch, parse_field_selector, parse_label_selector
 
 MERGE = "application/merge-patch+json"
@@ -503,3 +508,184 @@ async def test_aiohttp_watch_failures(kube_api: KubeAPI) -> None:
         response.close()  # the client goes away: the server forgets the watch
         await kube_api.await_watches("replicasets", 0, exactly=True)
     assert kube_api.requests("watch", "replicasets") == 3
+
+
+# ------------------------------------------------------------------ fault modes
+#
+# Each mode answers as the real API server does; kubeapi_faults.py cites the Kubernetes
+# sources (maxinflight.go / priority-and-fairness.go for 429, responsewriters/writers.go for
+# Retry-After from a Status, cacher.go and handlers/watch.go for a watch's 410 ERROR event).
+
+NAMESPACES = "/api/v1/namespaces"
+
+
+def _auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+
+
+async def test_throttle_answers_as_the_flow_control_filters(kube_api: KubeAPI) -> None:
+    kube_api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "tenant-a"}})
+    timeout = aiohttp.ClientTimeout(sock_read=STREAM_GUARD)
+    async with aiohttp.ClientSession(timeout=timeout, headers=_auth("t")) as session:
+        kube_api.fault("throttle", retry_after=7)
+        for params in ({}, {"watch": "1"}):  # a watch is throttled before its stream starts
+            async with session.get(kube_api.url + NAMESPACES, params=params) as response:
+                assert response.status == 429
+                assert response.headers["Retry-After"] == "7"
+                assert response.content_type == "text/plain"
+                assert await response.text() == "Too many requests, please try again later.\n"
+        kube_api.clear_faults()
+        kube_api.fault("throttle", retry_after=3, body="status")
+        async with session.get(kube_api.url + NAMESPACES + "/tenant-a") as response:
+            assert response.status == 429
+            assert response.headers["Retry-After"] == "3"
+            status = await response.json()
+        assert (status["kind"], status["code"], status["reason"]) == (
+            "Status",
+            429,
+            "TooManyRequests",
+        )
+        assert status["details"]["retryAfterSeconds"] == 3
+        kube_api.clear_faults()
+        async with session.get(kube_api.url + NAMESPACES + "/tenant-a") as response:
+            assert response.status == 200
+    outcomes = [r.outcome for r in kube_api.request_log()]
+    assert outcomes == ["throttle", "throttle", "throttle", "served"]
+
+
+async def test_fail_reset_and_narrowing(kube_api: KubeAPI) -> None:
+    kube_api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "tenant-a"}})
+    one = kube_api.url + NAMESPACES + "/tenant-a"
+    timeout = aiohttp.ClientTimeout(sock_read=STREAM_GUARD)
+    async with aiohttp.ClientSession(timeout=timeout, headers=_auth("victim")) as session:
+        kube_api.fault("fail", status=503, retry_after=2, verbs=["list"], clients=["victim"])
+        async with session.get(kube_api.url + NAMESPACES) as response:
+            assert response.status == 503
+            assert response.headers["Retry-After"] == "2"
+            body = await response.json()
+            assert (body["reason"], body["details"]["retryAfterSeconds"]) == (
+                "ServiceUnavailable",
+                2,
+            )
+        async with session.get(one) as response:  # a get: not this fault's verb
+            assert response.status == 200
+        async with session.get(
+            kube_api.url + NAMESPACES, headers=_auth("bystander")
+        ) as response:  # another client
+            assert response.status == 200
+        kube_api.clear_faults()
+        kube_api.fault("reset", resources=["namespaces"])
+        with pytest.raises(aiohttp.ClientConnectionError):  # no byte of an answer
+            async with session.get(one) as response:
+                await response.read()
+        kube_api.clear_faults()
+        async with session.get(one) as response:
+            assert response.status == 200
+    seen = [(r.client, r.verb, r.outcome) for r in kube_api.request_log()]
+    # aiohttp sends an idempotent request again once when its connection drops (RFC 9112
+    # 9.3.1), so the reset GET may have arrived twice.
+    assert 1 <= seen.count(("victim", "get", "reset")) <= 2
+    assert [entry for entry in seen if entry[2] != "reset"] == [
+        ("victim", "list", "fail"),
+        ("victim", "get", "served"),
+        ("bystander", "list", "served"),
+        ("victim", "get", "served"),
+    ]
+
+
+async def test_stall_sends_headers_then_never_finishes(kube_api: KubeAPI) -> None:
+    kube_api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "tenant-a"}})
+    kube_api.fault("stall")
+    timeout = aiohttp.ClientTimeout(sock_read=0.5)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        async with session.get(kube_api.url + NAMESPACES) as response:
+            assert response.status == 200  # the headers came
+            begun = await response.content.readany()
+            assert begun.startswith(b'{"kind":"List"')
+            with pytest.raises(aiohttp.ServerTimeoutError):  # the rest never does
+                await response.read()
+        params = {"watch": "1", "allowWatchBookmarks": "true"}
+        async with session.get(kube_api.url + NAMESPACES, params=params) as response:
+            assert response.status == 200
+            with pytest.raises(aiohttp.ServerTimeoutError):  # not even a bookmark
+                await response.content.readline()
+    kube_api.clear_faults()
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(sock_read=STREAM_GUARD)) as s,
+        s.get(kube_api.url + NAMESPACES) as response,
+    ):
+        assert [i["metadata"]["name"] for i in (await response.json())["items"]] == ["tenant-a"]
+
+
+def test_expire_mode_gives_every_watch_410(kube_api: KubeAPI, apps: AppsV1Api) -> None:
+    kube_api.fault("expire")
+    current = apps.list_deployment_for_all_namespaces().metadata.resource_version  # served
+    for rv in (current, None):  # even a current resourceVersion, even none
+        watcher = WatchThread(
+            apps.list_deployment_for_all_namespaces,
+            resource_version=rv,
+            timeout_seconds=STREAM_GUARD,
+        )
+        assert watcher.next()["type"] == "<END>"
+        watcher.join()
+        assert isinstance(watcher.error, ApiException) and watcher.error.status == 410
+    kube_api.clear_faults()
+    kube_api.create(deployment("web"))
+    resumed = WatchThread(
+        apps.list_deployment_for_all_namespaces, resource_version=current, timeout_seconds=5
+    )
+    assert resumed.next()["object"].metadata.name == "web"
+    kube_api.break_watches()
+    resumed.join()
+    assert resumed.error is None
+    assert [r.outcome for r in kube_api.request_log(verb="watch")] == [
+        "expire",
+        "expire",
+        "served",
+    ]
+
+
+async def test_restart_with_down_time(kube_api: KubeAPI) -> None:
+    kube_api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "tenant-a"}})
+    timeout = aiohttp.ClientTimeout(sock_read=STREAM_GUARD)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        async with session.get(kube_api.url + NAMESPACES, params={"watch": "1"}) as response:
+            await kube_api.await_watches("namespaces")
+            kube_api.stop(abrupt=True)  # as if the process died: the stream is reset
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await response.read()
+        with pytest.raises(aiohttp.ClientConnectorError):  # down: the port refuses
+            async with session.get(kube_api.url + NAMESPACES):
+                pass
+        kube_api.start()
+        async with session.get(kube_api.url + NAMESPACES, params={"watch": "1"}) as response:
+            await kube_api.await_watches("namespaces")
+            restarting = asyncio.create_task(asyncio.to_thread(kube_api.restart, 0.3))
+            await response.read()  # a graceful stop ends the watch cleanly
+            await restarting
+        async with session.get(kube_api.url + NAMESPACES) as response:  # the same state
+            assert [i["metadata"]["name"] for i in (await response.json())["items"]] == ["tenant-a"]
+
+
+async def test_request_log_per_client_and_second(kube_api: KubeAPI, tmp_path: Path) -> None:
+    """Clients are told apart by their token: here Cedar's own client, through a kubeconfig."""
+    client = KubeClient(load_config(str(kube_api.write_kubeconfig(tmp_path / "kc", "svc-a"))))
+    try:
+        start = time.monotonic()
+        for _ in range(5):
+            await client.request("GET", NAMESPACES)
+        end = time.monotonic()
+    finally:
+        await client.close()
+    async with (
+        aiohttp.ClientSession(headers=_auth("svc-b")) as session,
+        session.get(kube_api.url + NAMESPACES) as response,
+    ):
+        assert response.status == 200
+    mine = kube_api.request_log(client="svc-a", verb="list", resource="namespaces")
+    assert len(mine) == 5 and all(start <= r.at <= end for r in mine)
+    assert kube_api.peak_rate(client="svc-a") == 5  # all within one second: a burst of 5
+    assert kube_api.peak_rate(window=1e-9, client="svc-a") == 1
+    assert kube_api.peak_rate(client="svc-b") == 1
+    assert sum(per_second(mine, start, start + 1)) == 5
+    assert {r.client for r in kube_api.request_log()} == {"svc-a", "svc-b"}

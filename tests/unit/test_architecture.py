@@ -26,7 +26,7 @@ LAYER_FOLDERS = (
     "sandbox",
     "runtime",
     "proto",
-    *(f"services/{s}" for s in ("watcher", "puller", "mcs-allocator")),
+    *(f"services/{s}" for s in ("watcher", "puller", "mcs-allocator", "nats-auth")),
 )
 MAX_SERVICE_MODULE_LINES = 500
 
@@ -85,7 +85,7 @@ def test_the_layers_are_the_ones_the_architecture_page_names() -> None:
     assert layers == [
         "cedar.cli",
         "cedar.ops",
-        "cedar.watcher | cedar.puller | cedar.mcs_allocator | cedar.sandbox",
+        "cedar.watcher | cedar.puller | cedar.mcs_allocator | cedar.nats_auth | cedar.sandbox",
         "cedar.runtime",
         "cedar.proto",
     ]

@@ -16,7 +16,6 @@ from cedar.puller.warmup import (
     WarmTimeoutError,
     check_timeout,
     decide,
-    for_matching,
     has_warming_taint,
     removal_patch,
     taints_without_warming,
@@ -114,19 +113,21 @@ def test_bad_timeouts_are_refused(bad: float) -> None:
 def test_the_taint_is_not_a_constraint_for_cedars_matching() -> None:
     node = NodeInfo(name="n1", labels={"pool": "gpu"}, taints=(WARMING, GPU))
     assert has_warming_taint(node)
-    seen = for_matching(node)
-    assert seen.taints == (GPU,)
-    assert seen.labels == node.labels and seen.name == "n1"
-    assert not has_warming_taint(seen)
+    assert node.blocking_taints() == (GPU,)
     tolerates_gpu = PodScheduling(
         node_selector={"pool": "gpu"},
         tolerations=(Toleration(key="nvidia.com/gpu", operator="Exists"),),
     )
-    assert not admits(tolerates_gpu, node)  # the raw node: the warming taint is untolerated
-    assert admits(tolerates_gpu, seen)
-    assert not admits(PodScheduling(node_selector={"pool": "gpu"}), seen)  # GPU taint stays
-    plain = NodeInfo(name="n2", taints=(GPU,))
-    assert for_matching(plain) is plain
+    assert admits(tolerates_gpu, node)  # the warming taint itself needs no toleration
+    assert not admits(PodScheduling(node_selector={"pool": "gpu"}), node)  # GPU taint stays
+    # Whatever its effect, like the node.kubernetes.io/* condition taints.
+    execute = NodeInfo(name="n2", taints=(Taint(key=WARMING_TAINT_KEY, effect="NoExecute"),))
+    assert execute.blocking_taints() == ()
+    assert admits(PodScheduling(), execute)
+    assert not has_warming_taint(execute)  # but it is not the gate's taint
+    # A key that only looks like it is an ordinary taint.
+    other = NodeInfo(name="n3", taints=(Taint(key="cedar.io/warming-up", effect="NoSchedule"),))
+    assert not admits(PodScheduling(), other)
 
 
 def test_only_the_warming_taint_is_removed_from_the_spec() -> None:

@@ -27,7 +27,6 @@ from typing import Any
 from cedar.proto.models import WorkloadImageSet
 from cedar.proto.scheduling import NodeInfo, Taint
 from cedar.puller.desired import Change, DesiredSet
-from cedar.puller.warmup import for_matching
 from cedar.watcher.outbox import Outbox
 from cedar.watcher.watch_state import WatchState
 from fleetsim.engine import Sim
@@ -142,15 +141,20 @@ def daemonset_object(record: dict[str, Any], image: str, generation: int) -> dic
 def class_node(
     name: str, labels: dict[str, str], taints: tuple[Taint, ...], per_node: bool
 ) -> tuple[str, NodeInfo]:
-    """The key of the desired set a node uses, and the node as Cedar's match sees it."""
+    """The key of the desired set a node uses, and the node as Cedar's match sees it.
+
+    Only the taints the match looks at (`NodeInfo.blocking_taints`: not the warm-up taint)
+    tell nodes apart, so a node keeps its desired set when its puller lifts the warm-up
+    taint, as a real puller's set is unchanged by it."""
     full = {"kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64", **labels}
     if per_node:
         full[HOSTNAME] = name
-        return name, for_matching(NodeInfo(name=name, labels=full, taints=taints))
-    matched = for_matching(NodeInfo(name="", labels=full, taints=taints))
-    key = repr((sorted(matched.labels.items()), matched.taints))
+        node = NodeInfo(name=name, labels=full, taints=taints)
+        return name, NodeInfo(name=name, labels=full, taints=node.blocking_taints())
+    blocking = NodeInfo(name="", labels=full, taints=taints).blocking_taints()
+    key = repr((sorted(full.items()), blocking))
     name = "class-" + hashlib.sha256(key.encode()).hexdigest()[:10]
-    return key, NodeInfo(name=name, labels=matched.labels, taints=matched.taints)
+    return key, NodeInfo(name=name, labels=full, taints=blocking)
 
 
 class Feed:

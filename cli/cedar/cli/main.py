@@ -22,12 +22,17 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     (
         "puller",
         "cedar.puller.cli",
-        "run a node's puller: desired images -> its Docker engine",
+        "run a node's puller: desired images -> the node's image store (CRI or Docker)",
     ),
     (
         "mcs-allocator",
         "cedar.mcs_allocator.cli",
         "run the allocator: a unique SELinux MCS level per tenant namespace",
+    ),
+    (
+        "nats-auth",
+        "cedar.nats_auth.cli",
+        "run the NATS auth callout: a puller gets its own node's rights only",
     ),
     ("up", "cedar.ops.up", "run all three services, with an embedded NATS server if needed"),
     ("replay", "cedar.ops.replay", "print or re-publish recorded events of a time window"),

@@ -33,6 +33,11 @@ IDLE_TIMEOUT = 5.0
 INACTIVE_THRESHOLD = 5.0
 
 
+# The operator commands' replies arrive under a prefix of their own: deploy/nats/accounts.conf
+# lets the `ops` user subscribe to it and to no other service's.
+OPS_INBOX_PREFIX = "_INBOX.cedar-ops"
+
+
 async def connect(settings: CommonSettings, name: str, wait: float = 5.0) -> NatsClient:
     password = settings.nats_password
     try:
@@ -40,6 +45,7 @@ async def connect(settings: CommonSettings, name: str, wait: float = 5.0) -> Nat
             nats.connect(
                 servers=settings.nats_servers,
                 name=name,
+                inbox_prefix=OPS_INBOX_PREFIX,
                 user=settings.nats_user,
                 password=password.get_secret_value() if password else None,
                 connect_timeout=2,

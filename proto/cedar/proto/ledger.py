@@ -37,7 +37,7 @@ import json
 import json.scanner
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from cedar.proto.levels import Level, from_key_token, parse
 
@@ -54,6 +54,20 @@ _STATES = frozenset(("allocated", "quarantined"))
 # A binding's level is read whatever the pool's settings are now (the allocator refuses
 # labels that do not fit, by their `label.*` key).
 _ANY_CATEGORY = 1 << 20
+
+
+def _object(raw: bytes) -> dict[str, Any]:
+    """An entry's JSON object. Whatever else the value holds is an error of the kinds
+    `decode` documents: not JSON (or JSON nested deeper than the interpreter's stack) a
+    ValueError, another JSON type a TypeError; a damaged entry must never raise anything
+    its readers do not catch."""
+    try:
+        data = _decode(raw.decode())
+    except RecursionError as err:
+        raise ValueError("the value is nested too deeply to be a ledger entry") from err
+    if not isinstance(data, dict):
+        raise TypeError(f"the value is a JSON {type(data).__name__}, not an object")
+    return data
 
 
 def label_key(level: Level) -> str:
@@ -109,7 +123,7 @@ class LabelEntry(NamedTuple):
     @classmethod
     def decode(cls, key: str, raw: bytes, revision: int) -> LabelEntry:
         """Raises ValueError (InvalidLevel included), KeyError or TypeError."""
-        data = _decode(raw.decode())
+        data = _object(raw)
         # The key is the label; the value's "level" is for readers only.
         level = level_of_key(key)
         state = data["state"]
@@ -151,7 +165,7 @@ class NsEntry(NamedTuple):
     @classmethod
     def decode(cls, key: str, raw: bytes, revision: int) -> NsEntry:
         """Raises ValueError (InvalidLevel included), KeyError or TypeError."""
-        data = json.loads(raw)
+        data = _object(raw)
         return cls(
             uid=uid_of_key(key),
             namespace=str(data.get("namespace", "")),
@@ -228,6 +242,8 @@ def decode_all(entries: Iterable[tuple[str, bytes, int]]) -> Decoded:
                 )
         except (ValueError, KeyError, TypeError, AttributeError, StopIteration) as err:
             unreadable.append((key, err))
+        except RecursionError as err:  # JSON nested deeper than the stack: damaged too
+            unreadable.append((key, ValueError(f"nested too deeply: {err}")))
     return Decoded(labels, bindings, unreadable)
 
 

@@ -5,7 +5,9 @@ Only the required, node-level constraints count: nodeSelector, required node aff
 pod's tolerations. Preferences and pod (anti-)affinity cannot rule a node out for good, so
 they do not stop pre-pulling. Taints the node lifecycle controller sets for conditions
 (`node.kubernetes.io/not-ready`, `unreachable`, `disk-pressure`, ...) are transient: a node
-that is still becoming Ready is exactly the one that needs warming, so they are ignored.
+that is still becoming Ready is exactly the one that needs warming, so they are ignored;
+so is Cedar's own warm-up taint (`cedar.io/warming`, which a node carries until its puller
+has pulled what it must hold: it keeps tenants away, not the images they will need).
 `kubernetes.io/os` and `kubernetes.io/arch` are ordinary node labels and match like any
 other through the selector and affinity.
 
@@ -28,6 +30,8 @@ from cedar.proto.models import (
 )
 
 CONDITION_TAINT_PREFIX = "node.kubernetes.io/"
+# Cedar's warm-up gate: the puller lifts it once the node's images are present.
+WARMING_TAINT_KEY = "cedar.io/warming"
 BLOCKING_EFFECTS = frozenset({"NoSchedule", "NoExecute"})
 OS_LABEL = "kubernetes.io/os"
 ARCH_LABEL = "kubernetes.io/arch"
@@ -49,10 +53,14 @@ class NodeInfo:
     taints: tuple[Taint, ...] = ()
 
     def blocking_taints(self) -> tuple[Taint, ...]:
+        """The taints that rule pods out: NoSchedule/NoExecute, except the transient
+        condition taints and the warm-up taint (see the module docstring)."""
         return tuple(
             t
             for t in self.taints
-            if t.effect in BLOCKING_EFFECTS and not t.key.startswith(CONDITION_TAINT_PREFIX)
+            if t.effect in BLOCKING_EFFECTS
+            and not t.key.startswith(CONDITION_TAINT_PREFIX)
+            and t.key != WARMING_TAINT_KEY
         )
 
 

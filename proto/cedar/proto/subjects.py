@@ -32,6 +32,10 @@ ORIGINAL_TIME_HEADER = "Cedar-Original-Time"
 KV_NODE_STATUS = "cedar-node-status"
 KV_PULLER_STATE = "cedar-puller-state"
 KV_MCS_LEDGER = "cedar-mcs-ledger"
+# Fleet-wide registry pacing (CEDAR_REGISTRY_FLEET_PULLS): a lease per pull in progress
+# (`lease.<registry key>.<slot>`) and a request per pull waiting for one
+# (`wait.<registry key>.<token hash>`), each with a per-key TTL its holder renews.
+KV_FLEET_LEASES = "cedar-fleet-leases"
 # Object store bucket with the allocator's ledger snapshot (one object, MCS_SNAPSHOT_OBJECT):
 # a compact image of the ledger at a stream sequence, so a replica starts without reading
 # every key. Only ever a shortcut: the ledger bucket stays the truth.

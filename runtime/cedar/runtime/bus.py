@@ -1,10 +1,12 @@
 """The NATS connection every service uses; creating streams and buckets; reading streams.
 
 The connection is retried forever with backoff, at start and after any outage, so a
-service never dies because NATS is briefly away. Streams and buckets (configured in
-`cedar.runtime.topology`) are created or updated idempotently by whichever service starts
-first. nats-py's errors stop here: `bus_errors()` turns them into `BusError` and
-`BusUnavailable` (`cedar.runtime.errors`). I/O: NATS.
+service never dies because NATS is briefly away. It authenticates with CEDAR_NATS_USER and
+CEDAR_NATS_PASSWORD, or with the token in CEDAR_NATS_TOKEN_FILE (a puller's bound
+ServiceAccount token, for the auth callout), followed as the kubelet rotates it. Streams
+and buckets (configured in `cedar.runtime.topology`) are created or updated idempotently by
+whichever service starts first. nats-py's errors stop here: `bus_errors()` turns them into
+`BusError` and `BusUnavailable` (`cedar.runtime.errors`). I/O: NATS.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Iterator
+from pathlib import Path
 from typing import TypeVar
 
 import nats
@@ -206,6 +209,52 @@ async def read_to_end(
     return raw
 
 
+class TokenFile:
+    """The token of CEDAR_NATS_TOKEN_FILE, sent at every connect and reconnect.
+
+    The kubelet rotates a projected ServiceAccount token in place, well before it expires,
+    and the auth callout grants a connection no longer than its token lives: the Bus
+    checks the file every TOKEN_CHECK_SECONDS and, when it holds a new token, reconnects so
+    that the server authorizes it with that one. When a later read fails the last token is
+    sent (the kubelet swaps the file atomically, so this passes); the first must succeed.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._value = ""
+
+    def read(self) -> str:
+        """The token now; OSError (with the path) when there is none to send."""
+        try:
+            value = self.path.read_text().strip()
+        except OSError as err:
+            if self._value:
+                log.warning("cannot read %s (%s); sending the last token", self.path, err)
+                return self._value
+            raise OSError(f"cannot read the NATS token file {self.path}: {err}") from err
+        if not value:
+            if self._value:
+                return self._value
+            raise OSError(f"the NATS token file {self.path} is empty")
+        self._value = value
+        return value
+
+    __call__ = read
+
+    def rotated(self) -> bool:
+        """Whether the file now holds another token than the one last sent."""
+        try:
+            value = self.path.read_text().strip()
+        except OSError:
+            return False
+        return bool(value) and value != self._value
+
+
+# How often a token connection looks for a rotated token (the kubelet refreshes a projected
+# token at 80% of its life, so a 1 h token leaves 12 minutes).
+TOKEN_CHECK_SECONDS = 30.0
+
+
 class Bus:
     """A NATS connection with JetStream that reconnects forever.
 
@@ -222,6 +271,10 @@ class Bus:
         self._js: JetStreamContext | None = None
         self.connected_event = asyncio.Event()
         self._closing = False
+        token_file = settings.nats_token_file
+        self._token = TokenFile(token_file) if token_file is not None else None
+        self.token_check_interval = TOKEN_CHECK_SECONDS
+        self._token_task: asyncio.Task[None] | None = None
 
     @property
     def nc(self) -> NatsClient:
@@ -264,16 +317,40 @@ class Bus:
         else:
             log.debug("NATS client error: %s", err)
 
+    @property
+    def inbox_prefix(self) -> str:
+        """`_INBOX.<service>`: this service's replies and deliveries arrive under a prefix
+        of its own, and deploy/nats/accounts.conf lets each user subscribe to its own only,
+        so no service can read another's replies. The service is the connection name
+        without the pod name (`cedar-watcher-<pod>` -> `_INBOX.cedar-watcher`)."""
+        pod = self.settings.pod_name
+        service = self.name.removesuffix(f"-{pod}") if pod else self.name
+        return "_INBOX." + "".join("_" if c in ". *>\t" else c for c in service)
+
     async def connect(self, stop: asyncio.Event | None = None) -> bool:
         backoff = Backoff(base=0.2, cap=10.0)
         password = self.settings.nats_password
+        # A token file replaces the user and password (nats-py would send those first).
+        user = None if self._token else self.settings.nats_user
+        secret = password.get_secret_value() if password and not self._token else None
         while stop is None or not stop.is_set():
+            if self._token is not None:
+                try:
+                    self._token.read()  # a missing token fails here, with its path
+                except OSError as err:
+                    delay = backoff.next_delay()
+                    log.warning("%s; retrying in %.1fs — check CEDAR_NATS_TOKEN_FILE", err, delay)
+                    self._set_state(False, "no NATS token")
+                    await self._pause(stop, delay)
+                    continue
             try:
                 self._nc = await nats.connect(
                     servers=self.settings.nats_servers,
                     name=self.name,
-                    user=self.settings.nats_user,
-                    password=password.get_secret_value() if password else None,
+                    inbox_prefix=self.inbox_prefix,
+                    user=user,
+                    password=secret,
+                    token=self._token,
                     connect_timeout=2,
                     reconnect_time_wait=1,
                     max_reconnect_attempts=-1,
@@ -281,6 +358,7 @@ class Bus:
                     disconnected_cb=self._disconnected,
                     reconnected_cb=self._reconnected,
                     error_cb=self._error,
+                    closed_cb=self._closed if self._token is not None else None,
                 )
             except (NatsError, OSError, TimeoutError) as err:
                 delay = backoff.next_delay()
@@ -291,17 +369,45 @@ class Bus:
                     delay,
                 )
                 self._set_state(False, f"cannot connect: {err.__class__.__name__}")
-                if stop is None:
-                    await asyncio.sleep(delay)
-                else:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), delay)
+                await self._pause(stop, delay)
                 continue
             self._js = self._nc.jetstream(timeout=5)
             self._set_state(True)
             log.info("connected to NATS", extra={"server": str(self._nc.connected_url)})
+            if self._token is not None and self._token_task is None:
+                self._token_task = asyncio.create_task(self._follow_token(), name="nats-token")
             return True
         return False
+
+    async def _follow_token(self) -> None:
+        """Reconnect when the token file holds a new token (see TokenFile)."""
+        assert self._token is not None
+        while not self._closing:
+            await asyncio.sleep(self.token_check_interval)
+            nc = self._nc
+            if nc is not None and nc.is_connected and self._token.rotated():
+                log.info("the NATS token was rotated; reconnecting to be authorized with it")
+                await nc.force_reconnect()
+
+    async def _closed(self) -> None:
+        # nats-py gives up (closes) on an -ERR such as "User Authentication Expired": the
+        # grant of a token it did not renew in time. Only a restart connects again.
+        if self._closing:
+            return
+        log.error(
+            "NATS closed the connection (the grant for the token expired, or it was refused)"
+            "; failing /healthz so that the service is restarted — check CEDAR_NATS_TOKEN_FILE"
+        )
+        self._set_state(False, "closed by the server")
+        self.health.alive = False
+
+    @staticmethod
+    async def _pause(stop: asyncio.Event | None, delay: float) -> None:
+        if stop is None:
+            await asyncio.sleep(delay)
+        else:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
 
     async def ensure(
         self,
@@ -342,6 +448,8 @@ class Bus:
     async def close(self) -> None:
         """Drain (deliver what is buffered) and close; never raises, even mid-reconnect."""
         self._closing = True
+        if self._token_task is not None:
+            self._token_task.cancel()
         nc = self._nc
         if nc is not None and not nc.is_closed:
             try:

@@ -5,12 +5,21 @@ the fields it needs from plain dicts, never the client library's typed models (w
 ~20x more per object at list time). In a pod, the service account is read here directly,
 as client-go's rest.InClusterConfig does; a kubeconfig file is parsed by the official
 `kubernetes` library, imported only then (it costs ~14 MiB of memory per process).
+
+When the server pushes back (429 with `Retry-After`, 5xx, no answer, a response that
+stalls), every request of the client waits (`Pushback`: jittered backoff, never sooner than
+`Retry-After`, one probe at a time until the server serves again), and the error says how
+long the server asked for (`Unavailable.retry_after`). No read waits forever: a response
+that sends nothing for CEDAR_KUBE_READ_TIMEOUT seconds (a watch: CEDAR_KUBE_WATCH_IDLE_TIMEOUT,
+longer than the server's bookmark interval) raises `Stalled`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import math
 import os
 import ssl
 import time
@@ -21,6 +30,7 @@ from typing import Any
 
 import aiohttp
 
+from cedar.runtime.backoff import Pass, Pushback, retry_after_seconds
 from cedar.runtime.errors import (
     Conflict,
     Forbidden,
@@ -42,10 +52,50 @@ __all__ = [
     "KubeConfigError",
     "KubeError",
     "NotFound",
+    "Stalled",
+    "Unavailable",
     "in_cluster_config",
     "load_config",
     "resource_path",
 ]
+
+log = logging.getLogger("cedar.runtime.kube")
+
+# The longest wait for any read of a response other than a watch (its headers or its body).
+READ_TIMEOUT = 30.0
+# A watch that sends nothing for this long is given up as stalled. The API server sends a
+# watch that allows bookmarks one about every minute and 2 s before its timeout
+# (staging/src/k8s.io/apiserver/pkg/storage/cacher/cache_watcher.go, nextBookmarkTime), so
+# a healthy idle watch is never cut; a server that sends none (no watch cache) costs a
+# re-watch from the last resourceVersion, never a relist.
+WATCH_IDLE_TIMEOUT = 90.0
+# The longest Retry-After honoured. The API server's priority and fairness asks for 1 to 32
+# seconds (staging/src/k8s.io/apiserver/pkg/util/flowcontrol/dropped_requests_tracker.go);
+# a larger value (a proxy's) is capped so that a service is not silent for an hour.
+RETRY_AFTER_MAX = 60.0
+# A watch that ends normally this soon, having sent nothing, is an error (see `watch`).
+SHORT_WATCH = 1.0
+# The environment variables that change the two timeouts (seconds), read by `load_config`.
+READ_TIMEOUT_ENV = "CEDAR_KUBE_READ_TIMEOUT"
+WATCH_IDLE_TIMEOUT_ENV = "CEDAR_KUBE_WATCH_IDLE_TIMEOUT"
+
+
+class Unavailable(KubeError):
+    """The API did not serve the request now: throttled (429), failing (5xx), unreachable or
+    broken (status 0). Retry later, no sooner than `retry_after` seconds when it is set
+    (the server's Retry-After, capped at RETRY_AFTER_MAX)."""
+
+    def __init__(
+        self, status: int, reason: str, message: str, retry_after: float | None = None
+    ) -> None:
+        super().__init__(status, reason, message)
+        self.retry_after = retry_after
+
+
+class Stalled(Unavailable):
+    """A response sent nothing for longer than the read timeout (the headers, or the rest
+    of a body, or a watch's next line)."""
+
 
 # Where each resource Cedar touches lives in the API.
 RESOURCES: dict[str, tuple[str, str, bool]] = {
@@ -62,6 +112,7 @@ RESOURCES: dict[str, tuple[str, str, bool]] = {
     "Pod": ("/api/v1", "pods", True),
     "PersistentVolume": ("/api/v1", "persistentvolumes", False),
     "PersistentVolumeClaim": ("/api/v1", "persistentvolumeclaims", True),
+    "TokenReview": ("/apis/authentication.k8s.io/v1", "tokenreviews", False),
 }
 
 
@@ -76,11 +127,32 @@ def resource_path(kind: str, namespace: str | None = None, name: str | None = No
     return path
 
 
-def _error_for(status: int, body: Any) -> KubeError:
+def _retry_after(headers: Any, body: Any) -> float | None:
+    """The header, as client-go reads it (rest/request.go checkWait), else the Status's
+    details.retryAfterSeconds (which responsewriters.ErrorNegotiated copies into it)."""
+    details = body.get("details") if isinstance(body, dict) else None
+    return retry_after_seconds(
+        headers.get("Retry-After") if headers is not None else None,
+        details.get("retryAfterSeconds") if isinstance(details, dict) else None,
+        RETRY_AFTER_MAX,
+    )
+
+
+def _error_for(status: int, body: Any, headers: Any = None) -> KubeError:
     reason = body.get("reason", "") if isinstance(body, dict) else ""
     message = body.get("message", "") if isinstance(body, dict) else str(body)[:500]
+    if status == 429 or status >= 500:
+        reason = reason or ("TooManyRequests" if status == 429 else "ServerError")
+        return Unavailable(status, reason, message, _retry_after(headers, body))
     cls = {410: Gone, 403: Forbidden, 404: NotFound, 409: Conflict}.get(status, KubeError)
     return cls(status, reason or "Error", message)
+
+
+def _payload(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw.decode(errors="replace").strip()
 
 
 # The pod's service account, where the kubelet mounts it.
@@ -100,6 +172,8 @@ class KubeConfig:
     cert_file: str | None = None
     key_file: str | None = None
     verify: bool = True
+    read_timeout: float = READ_TIMEOUT
+    watch_idle_timeout: float = WATCH_IDLE_TIMEOUT
 
     def headers(self) -> dict[str, str]:
         token = self.authorization()
@@ -168,7 +242,11 @@ def _kubeconfig_file(path: str) -> KubeConfig:
     def authorization() -> str | None:
         if cfg.refresh_api_key_hook is not None:  # exec plugins' tokens expire
             cfg.refresh_api_key_hook(cfg)
-        token: str | None = cfg.get_api_key_with_prefix("authorization")
+        # The library keeps a kubeconfig's token under "BearerToken" (older releases:
+        # "authorization"), already prefixed with "Bearer ".
+        token: str | None = cfg.get_api_key_with_prefix(
+            "BearerToken"
+        ) or cfg.get_api_key_with_prefix("authorization")
         return token
 
     return KubeConfig(
@@ -181,27 +259,114 @@ def _kubeconfig_file(path: str) -> KubeConfig:
     )
 
 
+def _seconds(env: dict[str, str] | os._Environ[str], name: str, default: float) -> float:
+    value = env.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise KubeConfigError(f"{name} must be a number of seconds above 0, not {value!r}")
+    return seconds
+
+
 def load_config(kubeconfig: str | None = None) -> KubeConfig:
-    """KUBECONFIG or ~/.kube/config when present, else the pod's service account."""
+    """KUBECONFIG or ~/.kube/config when present, else the pod's service account; the read
+    timeouts from CEDAR_KUBE_READ_TIMEOUT and CEDAR_KUBE_WATCH_IDLE_TIMEOUT."""
     path = kubeconfig or os.environ.get("KUBECONFIG") or str(Path.home() / ".kube" / "config")
     if Path(path.split(os.pathsep)[0]).exists():
-        return _kubeconfig_file(path)
-    try:
-        return in_cluster_config()
-    except KubeConfigError as err:
-        raise KubeConfigError(
-            f"no Kubernetes configuration: {path} does not exist and this is not a pod "
-            f"({err}); set KUBECONFIG"
-        ) from err
+        config = _kubeconfig_file(path)
+    else:
+        try:
+            config = in_cluster_config()
+        except KubeConfigError as err:
+            raise KubeConfigError(
+                f"no Kubernetes configuration: {path} does not exist and this is not a pod "
+                f"({err}); set KUBECONFIG"
+            ) from err
+    config.read_timeout = _seconds(os.environ, READ_TIMEOUT_ENV, READ_TIMEOUT)
+    config.watch_idle_timeout = _seconds(os.environ, WATCH_IDLE_TIMEOUT_ENV, WATCH_IDLE_TIMEOUT)
+    return config
+
+
+def _held_back(wait: float | None) -> Unavailable:
+    said = f"{wait:.1f}s more" if wait else "for the probe request"
+    return Unavailable(0, "HeldBack", f"the API server pushed back; not waiting {said}", wait)
+
+
+class _Gate:
+    """Makes a client's requests wait as its `Pushback` says (one probe at a time)."""
+
+    def __init__(self, pushback: Pushback) -> None:
+        self.pushback = pushback
+        self._settled = asyncio.Event()  # set (and replaced) whenever a probe settles
+
+    async def enter(self, patience: float | None) -> Pass:
+        """Wait for this request's turn; with `patience`, raise Unavailable rather than
+        wait longer than that many seconds."""
+        give_up = math.inf if patience is None else time.monotonic() + patience
+        while True:
+            now = time.monotonic()
+            admitted = self.pushback.admit(now)
+            if isinstance(admitted, Pass):
+                return admitted
+            if now + admitted > give_up:
+                raise _held_back(admitted)
+            if admitted > 0:
+                await asyncio.sleep(admitted)
+                continue
+            settled = self._settled  # a probe is out: wait until it is answered
+            try:
+                await asyncio.wait_for(
+                    settled.wait(), max(give_up - now, 0.0) if patience is not None else None
+                )
+            except TimeoutError:
+                raise _held_back(None) from None
+
+    def _wake(self, passed: Pass) -> None:
+        if passed.probe:
+            settled, self._settled = self._settled, asyncio.Event()
+            settled.set()
+
+    def served(self, passed: Pass) -> None:
+        if not passed.settled:
+            self.pushback.served(passed)
+            self._wake(passed)
+
+    def failed(self, passed: Pass, err: Unavailable) -> None:
+        if passed.settled:
+            return
+        if self.pushback.failed(time.monotonic(), passed, err.retry_after):
+            log.warning(
+                "the Kubernetes API pushed back (%s); holding this client's requests for %.1fs",
+                err,
+                self.pushback.wait(time.monotonic()),
+                extra={"status": err.status, "retry_after": err.retry_after},
+            )
+        self._wake(passed)
+
+    def abandoned(self, passed: Pass) -> None:
+        if not passed.settled:
+            self.pushback.release(passed)
+            self._wake(passed)
 
 
 class KubeClient:
-    """A thin JSON client. One per service; call `close()` at the end."""
+    """A thin JSON client. One per service; call `close()` at the end.
 
-    def __init__(self, config: KubeConfig, timeout: float = 30.0) -> None:
+    `timeout` bounds a whole request other than a watch; `pushback` is shared by every
+    request of this client (one user to the API server's flow control).
+    """
+
+    def __init__(
+        self, config: KubeConfig, timeout: float = 30.0, pushback: Pushback | None = None
+    ) -> None:
         self.config = config
         self._timeout = timeout
         self._session: aiohttp.ClientSession | None = None
+        self.gate = _Gate(pushback or Pushback(retry_after_max=RETRY_AFTER_MAX))
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -224,12 +389,44 @@ class KubeClient:
         params: dict[str, str] | None = None,
         body: Any = None,
         content_type: str = "application/json",
+        patience: float | None = None,
+    ) -> JSON:
+        """One request; raises KubeError (Unavailable when it may be retried later).
+
+        It waits while the server pushes back; with `patience`, at most that many seconds
+        (then Unavailable, reason HeldBack), for callers that must answer quickly.
+        """
+        passed = await self.gate.enter(patience)
+        try:
+            result = await self._send(method, path, params, body, content_type)
+        except Unavailable as err:
+            self.gate.failed(passed, err)
+            raise
+        except KubeError:
+            self.gate.served(passed)
+            raise
+        except BaseException:
+            self.gate.abandoned(passed)  # cancelled, or an undecodable body: no verdict
+            raise
+        self.gate.served(passed)
+        return result
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        params: dict[str, str] | None,
+        body: Any,
+        content_type: str,
     ) -> JSON:
         headers = self.config.headers() | {"Accept": "application/json"}
         data = None
         if body is not None:
             headers["Content-Type"] = content_type
             data = json.dumps(body).encode()
+        timeout = aiohttp.ClientTimeout(
+            total=self._timeout, sock_read=min(self.config.read_timeout, self._timeout)
+        )
         try:
             async with self.session.request(
                 method,
@@ -237,22 +434,22 @@ class KubeClient:
                 params=params,
                 data=data,
                 headers=headers,
-                timeout=aiohttp.ClientTimeout(total=self._timeout),
+                timeout=timeout,
             ) as resp:
                 raw = await resp.read()
                 if resp.status >= 400:
-                    try:
-                        payload = json.loads(raw)
-                    except ValueError:
-                        payload = raw.decode(errors="replace")
-                    raise _error_for(resp.status, payload)
-                result: JSON = json.loads(raw) if raw else {}
-                return result
-        except (aiohttp.ClientError, TimeoutError) as err:
-            raise KubeError(0, "Unreachable", f"{method} {path}: {err!r}") from err
+                    raise _error_for(resp.status, _payload(raw), resp.headers)
+        except aiohttp.ServerTimeoutError as err:
+            raise Stalled(0, "Stalled", f"{method} {path}: {err!r}") from err
+        except TimeoutError as err:
+            raise Unavailable(0, "Timeout", f"{method} {path}: over {self._timeout}s") from err
+        except aiohttp.ClientError as err:
+            raise Unavailable(0, "Unreachable", f"{method} {path}: {err!r}") from err
+        result: JSON = json.loads(raw) if raw else {}
+        return result
 
-    async def get(self, path: str) -> JSON:
-        return await self.request("GET", path)
+    async def get(self, path: str, *, patience: float | None = None) -> JSON:
+        return await self.request("GET", path, patience=patience)
 
     async def list_pages(
         self, path: str, *, limit: int = 500, params: dict[str, str] | None = None
@@ -279,7 +476,11 @@ class KubeClient:
         """Yield watch events until the server ends the stream.
 
         An ERROR event with code 410 raises `Gone`; other ERROR events raise KubeError.
-        Lines are split by hand: one object may be larger than aiohttp's line limit.
+        A stream that sends nothing for the config's `watch_idle_timeout` raises `Stalled`
+        (re-watch from the last resourceVersion); one that breaks raises Unavailable
+        (reason StreamBroken), and so does one that ends within SHORT_WATCH seconds
+        having sent nothing (reason ShortWatch). Lines are split by hand: one object may be
+        larger than aiohttp's line limit.
         """
         query = dict(params or {}) | {
             "watch": "1",
@@ -288,22 +489,19 @@ class KubeClient:
             "timeoutSeconds": str(timeout_seconds),
         }
         headers = self.config.headers() | {"Accept": "application/json"}
+        idle = self.config.watch_idle_timeout
+        passed = await self.gate.enter(None)
         try:
             async with self.session.get(
                 self.config.server + path,
                 params=query,
                 headers=headers,
-                timeout=aiohttp.ClientTimeout(
-                    total=None, connect=10, sock_read=timeout_seconds + 30
-                ),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=idle),
             ) as resp:
                 if resp.status >= 400:
-                    raw = await resp.read()
-                    try:
-                        payload = json.loads(raw)
-                    except ValueError:
-                        payload = raw.decode(errors="replace")
-                    raise _error_for(resp.status, payload)
+                    raise _error_for(resp.status, _payload(await resp.read()), resp.headers)
+                self.gate.served(passed)
+                opened, delivered = time.monotonic(), False
                 buffer = b""
                 async for chunk in resp.content.iter_any():
                     buffer += chunk
@@ -315,9 +513,29 @@ class KubeClient:
                         if event.get("type") == "ERROR":
                             status = event.get("object") or {}
                             raise _error_for(int(status.get("code", 500)), status)
+                        delivered = True
                         yield event
+            if not delivered and time.monotonic() - opened < SHORT_WATCH:
+                # As client-go's reflector (tools/cache/reflector.go, watchHandler: "very
+                # short watch"): an error, so that the caller backs off instead of looping.
+                raise Unavailable(0, "ShortWatch", f"watch {path} ended at once, empty")
+        except aiohttp.ServerTimeoutError as err:
+            stalled = Stalled(0, "Stalled", f"watch {path}: nothing for {idle:g}s ({err!r})")
+            self.gate.failed(passed, stalled)
+            raise stalled from err
         except (aiohttp.ClientError, asyncio.IncompleteReadError) as err:
-            raise KubeError(0, "StreamBroken", f"watch {path}: {err!r}") from err
+            reason = "StreamBroken" if passed.settled else "Unreachable"
+            broken = Unavailable(0, reason, f"watch {path}: {err!r}")
+            self.gate.failed(passed, broken)
+            raise broken from err
+        except Unavailable as err:
+            self.gate.failed(passed, err)
+            raise
+        except KubeError:
+            self.gate.served(passed)
+            raise
+        finally:
+            self.gate.abandoned(passed)
 
     async def patch(self, path: str, body: JSON, *, merge: str = "merge") -> JSON:
         content_type = {

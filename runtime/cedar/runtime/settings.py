@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import socket
 from datetime import timedelta
+from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -22,6 +23,12 @@ class CommonSettings(BaseSettings):
     )
     nats_user: str | None = None
     nats_password: SecretStr | None = None
+    nats_token_file: Path | None = Field(
+        default=None,
+        description="Connect with the token in this file instead of a user and password "
+        "(read again at every reconnect): the Pod's bound ServiceAccount token, when NATS "
+        "authenticates pullers by auth callout (deploy/components/nats-auth-callout).",
+    )
     nats_replicas: int = Field(
         default=1, ge=1, le=5, description="Replicas of the streams and KV buckets Cedar creates."
     )

@@ -111,6 +111,43 @@ def puller_state_bucket(settings: CommonSettings) -> KeyValueConfig:
     return _kv(settings, subjects.KV_PULLER_STATE)
 
 
+# A lease bucket key nobody has written for this long is removed whatever its own TTL: a
+# backstop only (leases and requests carry a TTL of seconds, and so do their removals).
+FLEET_LEASES_MAX_AGE = timedelta(hours=1)
+# Every puller follows the lease bucket with a consumer of its own. NATS 2.15 gives a stream
+# that sets no limit a default of 1,000 consumers (`default_max_consumers`), which a fleet
+# of a thousand nodes would hit; this is the bucket's own limit instead.
+FLEET_LEASES_MAX_CONSUMERS = 100_000
+
+
+def fleet_leases_stream(settings: CommonSettings) -> StreamConfig:
+    """KV bucket cedar-fleet-leases, for fleet-wide registry pacing: pullers' leases and
+    waiting requests, each key written with a per-message TTL (`Nats-TTL`) that its holder
+    renews, so that a crashed holder's lease lapses by itself; claimed by create
+    (compare-and-set), renewed and released with the revision read.
+
+    Given as the stream behind the bucket (`KV_<bucket>`), laid out as nats-py's
+    `create_key_value` lays out a bucket (subjects `$KV.<bucket>.>`, one message per key,
+    rollups, per-message TTL, discard new, no message deletes), because that call cannot
+    set a consumer limit (see FLEET_LEASES_MAX_CONSUMERS); `js.key_value()` opens it."""
+    return StreamConfig(
+        name=kv_stream(subjects.KV_FLEET_LEASES),
+        description="Registry pull leases and requests (CEDAR_REGISTRY_FLEET_PULLS).",
+        subjects=[kv_subject(subjects.KV_FLEET_LEASES, ">")],
+        max_msgs_per_subject=1,
+        max_msgs=-1,
+        max_age=FLEET_LEASES_MAX_AGE.total_seconds(),
+        max_consumers=FLEET_LEASES_MAX_CONSUMERS,
+        allow_rollup_hdrs=True,
+        allow_msg_ttl=True,
+        deny_delete=True,
+        discard=DiscardPolicy.NEW,
+        duplicate_window=DUPLICATE_WINDOW.total_seconds(),
+        storage=StorageType.FILE,
+        num_replicas=settings.nats_replicas,
+    )
+
+
 def mcs_ledger_bucket(settings: CommonSettings) -> KeyValueConfig:
     """The allocator's ledger: one key per label and per namespace, claimed by create."""
     return _kv(settings, subjects.KV_MCS_LEDGER)

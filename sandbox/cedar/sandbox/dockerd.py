@@ -2,9 +2,10 @@
 
 I/O: runs ``dockerd`` and the docker CLI as child processes, talks HTTP to an engine's
 socket (``/_ping``), reads ``/proc`` and unmounts what a killed daemon left under its
-directory. Everything the daemon owns lives under ``base_dir``: socket, data root, exec root
-(where the ``containerd`` it starts keeps its socket and state), pid file, daemon config and
-a docker CLI config dir. Nothing touches a system daemon or ``/var/lib/docker``.
+directories. Everything the daemon owns lives under ``base_dir``: socket, data root
+(unless given a ``data_root`` of its own), exec root (where the ``containerd`` it starts
+keeps its socket and state), pid file, daemon config and a docker CLI config dir. Nothing
+touches a system daemon or ``/var/lib/docker``.
 """
 
 from __future__ import annotations
@@ -130,7 +131,9 @@ class DockerEngine(DockerCli, ManagedProcess):
     """``dockerd`` with a private socket, data root and exec root under ``base_dir``.
 
     Keep ``base_dir`` short (for example ``tempfile.mkdtemp(prefix="cedar-", dir="/tmp")``):
-    unix socket paths are limited to about 100 bytes.
+    unix socket paths are limited to about 100 bytes. ``data_root`` puts the data root
+    (images, layers) elsewhere, e.g. on a small filesystem of its own to run out of space;
+    by default it is ``base_dir/data``.
     """
 
     name = "dockerd"
@@ -146,8 +149,10 @@ class DockerEngine(DockerCli, ManagedProcess):
         log_level: str = "info",
         shutdown_timeout: int = 5,
         binary: str | None = None,
+        data_root: str | Path | None = None,
     ) -> None:
         self.base_dir = Path(base_dir).absolute()
+        self._data_root = Path(data_root).absolute() if data_root is not None else None
         probe = self.exec_root / "containerd" / "containerd.sock.ttrpc"
         if len(str(probe).encode()) > _MAX_SOCKET_PATH:
             raise SocketPathTooLongError(
@@ -169,7 +174,7 @@ class DockerEngine(DockerCli, ManagedProcess):
 
     @property
     def data_root(self) -> Path:
-        return self.base_dir / "data"
+        return self._data_root if self._data_root is not None else self.base_dir / "data"
 
     @property
     def exec_root(self) -> Path:
@@ -256,6 +261,8 @@ class DockerEngine(DockerCli, ManagedProcess):
         for pid in _pids_mentioning(str(self.exec_root)):
             kill_pid(pid, grace=self.stop_grace)
         _unmount_under(self.base_dir)
+        if not self.data_root.is_relative_to(self.base_dir):
+            _unmount_under(self.data_root)  # what the daemon mounted, never the root itself
 
 
 def _pids_mentioning(fragment: str) -> list[int]:

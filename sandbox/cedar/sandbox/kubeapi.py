@@ -4,7 +4,10 @@ It speaks HTTP like the real one (list with pagination and selectors, watch with
 resourceVersion, bookmarks and 410 Expired, create/update/patch/delete, Status errors), so the
 official `kubernetes` client and raw aiohttp clients run unchanged against it. The control
 methods (`create`, `expire_watches`, `forbid`, ...) are plain thread-safe calls, usable from
-sync tests, async tests and service threads.
+sync tests, async tests and service threads. Fault modes (`fault`: throttling, failures,
+resets, stalls, 410 on every watch; `restart` with a down time) and the request log
+(`request_log`, `peak_rate`: requests per second per client and verb) are for the fault
+suite.
 
 The controllers of a real control plane that Cedar depends on run beside it
 (kubeapi_controllers.py): namespace deletion, node lifecycle taints, and, when asked for,
@@ -22,14 +25,16 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from cedar.sandbox.errors import ApiError, WaitTimeoutError
+from cedar.sandbox.kubeapi_auth import TokenReviews
 from cedar.sandbox.kubeapi_controllers import Controllers, Timings
-from cedar.sandbox.kubeapi_controls import Controls
+from cedar.sandbox.kubeapi_controls import Controls, Fault, Request, peak_rate
 from cedar.sandbox.kubeapi_http import ApiHandler
 from cedar.sandbox.kubeapi_ops import (
     MERGE_PATCH,
@@ -90,6 +95,8 @@ class KubeAPI:
             require_namespaces=require_namespaces,
         )
         self._http = ApiHandler(self.table, self.store, self._controls, bookmark_interval)
+        self.tokens = TokenReviews(self.table, self.store)  # bound tokens and TokenReview
+        self._http.token_reviews = self.tokens
         timings = Timings(
             namespace_delay=namespace_delay,
             node_startup_grace=node_startup_grace,
@@ -126,12 +133,17 @@ class KubeAPI:
         self._server.start(self._http.handle, self._controllers.run)
         return self
 
-    def stop(self) -> None:
-        self._server.stop()
+    def stop(self, *, abrupt: bool = False) -> None:
+        """Stop serving: open watches end (abrupt: their connections are reset, as when
+        the server process dies); the state stays for the next `start`."""
+        self._server.stop(abrupt)
 
-    def restart(self) -> None:
-        """Like an API server restart: open connections are cut, the state and the port stay."""
-        self.stop()
+    def restart(self, down_for: float = 0.0, *, abrupt: bool = False) -> None:
+        """Like an API server restart: open connections are cut, nothing listens for
+        `down_for` seconds (connections are refused), then the same state on the same port.
+        It blocks for `down_for`: from an async test, run it in a thread."""
+        self.stop(abrupt=abrupt)
+        time.sleep(down_for)
         self.start()
 
     def __enter__(self) -> KubeAPI:
@@ -140,9 +152,10 @@ class KubeAPI:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
-    def write_kubeconfig(self, path: str | Path) -> Path:
-        """A kubeconfig (JSON is valid YAML) for this server: plain HTTP, a dummy token."""
-        return write_kubeconfig(path, self.url)
+    def write_kubeconfig(self, path: str | Path, token: str = "cedar-sandbox-token") -> Path:
+        """A kubeconfig (JSON is valid YAML) for this server: plain HTTP, a dummy `token`.
+        The request log names each client by its token: give each service its own."""
+        return write_kubeconfig(path, self.url, token)
 
     # ================================================================ objects
 
@@ -243,6 +256,27 @@ class KubeAPI:
         events.sort(key=lambda e: int(e["metadata"]["resourceVersion"]))
         return events
 
+    def mint_token(
+        self,
+        namespace: str,
+        service_account: str,
+        pod: str,
+        *,
+        audiences: builtins.list[str] | None = None,
+        expiration_seconds: int = 3600,
+        issued_at: float | None = None,
+    ) -> str:
+        """A bound token of `service_account` for `pod` (which must run as it), as the
+        kubelet gets for a projected serviceAccountToken volume (kubeapi_auth.py)."""
+        return self.tokens.mint(
+            namespace,
+            service_account,
+            pod,
+            audiences=audiences,
+            expiration_seconds=expiration_seconds,
+            issued_at=issued_at,
+        )
+
     def reset(self) -> None:
         """Fresh state: no objects, counters, failures or forbids; open watches get 410."""
         self.store.reset()
@@ -271,6 +305,71 @@ class KubeAPI:
         base, _, sub = plural.partition("/")
         name = self.resource(base).plural + (f"/{sub}" if sub else "")
         self._controls.fail_next(verb, name, count, status)
+
+    def fault(
+        self,
+        kind: str,
+        *,
+        status: int = 0,
+        retry_after: int | None = None,
+        body: str = "apf",
+        verbs: Iterable[str] | None = None,
+        resources: Iterable[str] | None = None,
+        clients: Iterable[str] | None = None,
+    ) -> Fault:
+        """Answer every matching request with fault `kind` until `clear_faults`:
+        "throttle" (429, Retry-After `retry_after`, default 1; `body` "apf" plain text as
+        the flow-control filters send, or "status" with details.retryAfterSeconds), "fail"
+        (`status`, default 500), "reset", "stall" or "expire" (every watch: 410 ERROR).
+        `verbs`, `resources` (loose names, or "deployments/status") and `clients` (tokens)
+        narrow it."""
+        plurals = None
+        if resources is not None:
+            plurals = frozenset(
+                self.resource(base).plural + (f"/{sub}" if sub else "")
+                for base, _, sub in (r.partition("/") for r in resources)
+            )
+        fault = Fault(
+            kind,
+            status=status,
+            retry_after=retry_after,
+            body=body,
+            verbs=None if verbs is None else frozenset(v.lower() for v in verbs),
+            plurals=plurals,
+            clients=None if clients is None else frozenset(clients),
+        )
+        self._controls.inject(fault)
+        return fault
+
+    def clear_faults(self) -> None:
+        """End every fault mode (forbids and `fail_next` failures stay)."""
+        self._controls.clear()
+
+    @contextlib.contextmanager
+    def faulty(self, kind: str, **options: Any) -> Iterator[Fault]:
+        """`fault` for the duration of a `with` block."""
+        try:
+            yield self.fault(kind, **options)
+        finally:
+            self.clear_faults()
+
+    def request_log(
+        self,
+        *,
+        client: str | None = None,
+        verb: str | None = None,
+        resource: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+    ) -> builtins.list[Request]:
+        """Every request the server saw that matches, oldest first; `since` and `until`
+        are `time.monotonic()` readings."""
+        plural = None if resource is None else self.resource(resource).plural
+        return self._controls.log(client=client, verb=verb, plural=plural, since=since, until=until)
+
+    def peak_rate(self, window: float = 1.0, **match: Any) -> int:
+        """The most matching requests (`request_log`'s filters) in any `window` seconds."""
+        return peak_rate(self.request_log(**match), window)
 
     def requests(self, verb: str | None = None, plural: str | None = None) -> int:
         """How many requests the server got, optionally only of one verb and/or resource."""

@@ -2,9 +2,9 @@
 
 I/O: answers aiohttp requests on the server's event loop (kubeapi_server.py) from the store
 (kubeapi_store.py), after the test controls (kubeapi_controls.py) have counted the request
-and applied any injected fault. Errors go out as `kind: Status` bodies, as from the real
-server; a watch streams chunked JSON lines with bookmarks and a 410 ERROR event once its
-resourceVersion is compacted away.
+and applied any injected fault (a fault mode is answered by kubeapi_faults.py). Errors go
+out as `kind: Status` bodies, as from the real server; a watch streams chunked JSON lines
+with bookmarks and a 410 ERROR event once its resourceVersion is compacted away.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from typing import Any
 from aiohttp import web
 
 from cedar.sandbox.errors import ApiError
+from cedar.sandbox.kubeapi_auth import TOKEN_REVIEWS, TokenReviews
 from cedar.sandbox.kubeapi_controls import Controls
+from cedar.sandbox.kubeapi_faults import enact
 from cedar.sandbox.kubeapi_objects import dump
 from cedar.sandbox.kubeapi_openapi import document, index
 from cedar.sandbox.kubeapi_ops import (
@@ -60,6 +62,7 @@ class ApiHandler:
         self.store = store
         self.controls = controls
         self.bookmark_interval = bookmark_interval
+        self.token_reviews: TokenReviews | None = None  # kubeapi_auth.py, set by KubeAPI
 
     async def handle(self, serving: Serving, request: web.Request) -> web.StreamResponse:
         try:
@@ -71,13 +74,23 @@ class ApiHandler:
                 )
             if request.path.startswith("/openapi/"):
                 return self._openapi(request)
+            if request.path == TOKEN_REVIEWS and self.token_reviews is not None:
+                return await self.token_reviews.handle(request, self.controls)
             found = route(self.table, request.path)
             if isinstance(found, dict):
                 if request.method != "GET":
                     raise ApiError(405, "MethodNotAllowed", "discovery is read-only")
                 return _json(dump(found))
             verb = verb_of(request.method, request.query.get("watch"), found)
-            self.controls.admit(verb, found.plural, found.res.group)
+            fault = self.controls.admit(
+                verb,
+                found.plural,
+                found.res.group,
+                client_of(request),
+                (found.namespace, found.name),
+            )
+            if fault is not None:
+                return await enact(fault, serving, request, verb)
             return await self._dispatch(serving, request, found, verb)
         except ApiError as e:
             return _json(dump(e.status()), e.code)
@@ -245,6 +258,13 @@ class ApiHandler:
         with contextlib.suppress(ConnectionError, RuntimeError):
             await response.write_eof()
         return response
+
+
+def client_of(request: web.Request) -> str:
+    """Who is asking: the bearer token (the sandbox takes any token as its own user, as
+    the API's flow control tells clients apart by user), else "anonymous"."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else "anonymous"
 
 
 def _json(body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:

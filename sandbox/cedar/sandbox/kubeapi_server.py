@@ -92,12 +92,13 @@ class ServerThread:
             raise
         self._serving = serving
 
-    def stop(self) -> None:
+    def stop(self, abrupt: bool = False) -> None:
+        """Stop serving; open watches end cleanly (abrupt: their connections are reset)."""
         serving, self._serving = self._serving, None
         if serving is None:
             return
         with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(_shutdown(serving), serving.loop).result(30)
+            asyncio.run_coroutine_threadsafe(_shutdown(serving, abrupt), serving.loop).result(30)
         serving.loop.call_soon_threadsafe(serving.loop.stop)
         serving.thread.join(30)
 
@@ -150,25 +151,26 @@ def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
         loop.close()
 
 
-async def _shutdown(serving: Serving) -> None:
+async def _shutdown(serving: Serving, abrupt: bool) -> None:
     if serving.background is not None:
         serving.background.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await serving.background
-    serving.cut(abrupt=False)
+    serving.cut(abrupt=abrupt)
     await asyncio.sleep(0)
     if serving.runner is not None:
         await serving.runner.cleanup()
 
 
-def write_kubeconfig(path: str | Path, server_url: str) -> Path:
-    """A kubeconfig (JSON is valid YAML) for the server: plain HTTP, a dummy token."""
+def write_kubeconfig(path: str | Path, server_url: str, token: str = "cedar-sandbox-token") -> Path:
+    """A kubeconfig (JSON is valid YAML) for the server: plain HTTP, a dummy `token` (the
+    server tells clients apart by it)."""
     path = Path(path)
     config = {
         "apiVersion": "v1",
         "kind": "Config",
         "clusters": [{"name": "cedar-sandbox", "cluster": {"server": server_url}}],
-        "users": [{"name": "cedar-sandbox", "user": {"token": "cedar-sandbox-token"}}],
+        "users": [{"name": "cedar-sandbox", "user": {"token": token}}],
         "contexts": [
             {
                 "name": "cedar-sandbox",

@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from cedar.mcs_allocator.decide import NsObject
 from cedar.mcs_allocator.handler import RETRY_DELAY, Handler
+from cedar.mcs_allocator.metrics import BAD_EVENTS
 from cedar.mcs_allocator.schedule import sleep_or_stop
 from cedar.mcs_allocator.settings import AllocatorSettings
 from cedar.proto import subjects
@@ -81,6 +82,7 @@ async def consume(rt: Runtime[AllocatorSettings], handler: Handler) -> None:
             try:
                 event = NamespaceEvent.model_validate_json(msg.data)
             except ValidationError as err:
+                BAD_EVENTS.inc()
                 log.error("undecodable namespace event on %s: %s", msg.subject, err)
                 with bus_errors("refuse a namespace event"):
                     await msg.term()
@@ -151,6 +153,7 @@ async def from_subject(rt: Runtime[AllocatorSettings], handler: Handler, subject
             try:
                 event = NamespaceEvent.model_validate_json(data)
             except ValidationError as err:
+                BAD_EVENTS.inc()
                 log.warning("not a namespace event on %s: %s", subject, err)
                 continue
             await handler.handle(NsObject.from_event(event))

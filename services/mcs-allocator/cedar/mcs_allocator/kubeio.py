@@ -1,5 +1,10 @@
 """The allocator's Kubernetes calls: read, list and annotate namespaces, record Events.
 
+Transient failures (throttled, failing, unreachable, stalled: `Unavailable`) of a read or an
+annotation are retried a few times with jittered backoff, never sooner than the server's
+Retry-After; the client holds every request back while the server pushes back, so the
+handlers' retries together stay at about one request per backoff, not one per handler.
+
 I/O: the Kubernetes API through cedar.runtime.kube (errors arrive as `KubeError`).
 """
 
@@ -13,8 +18,15 @@ from datetime import UTC, datetime
 from cedar.mcs_allocator.decide import NsObject
 from cedar.mcs_allocator.metrics import PATCH_FAILURES
 from cedar.proto.events import core_event
-from cedar.runtime.backoff import Backoff
-from cedar.runtime.kube import Conflict, KubeClient, KubeError, NotFound, resource_path
+from cedar.runtime.backoff import Backoff, after
+from cedar.runtime.kube import (
+    Conflict,
+    KubeClient,
+    KubeError,
+    NotFound,
+    Unavailable,
+    resource_path,
+)
 
 log = logging.getLogger("cedar.mcs_allocator.kube")
 
@@ -28,7 +40,12 @@ REASON_CONFLICT = "MCSLevelConflict"
 
 
 def transient(err: KubeError) -> bool:
-    return err.status in _TRANSIENT
+    return isinstance(err, Unavailable) or err.status in _TRANSIENT
+
+
+def retry_delay(backoff: Backoff, err: KubeError) -> float:
+    """The next wait: the backoff's, but never sooner than the server's Retry-After."""
+    return after(backoff.next_delay(), err.retry_after if isinstance(err, Unavailable) else None)
 
 
 class NamespaceIO:
@@ -51,7 +68,7 @@ class NamespaceIO:
             except KubeError as err:
                 if not transient(err) or backoff.attempts >= PATCH_ATTEMPTS:
                     raise
-                await asyncio.sleep(backoff.next_delay())
+                await asyncio.sleep(retry_delay(backoff, err))
 
     async def list_all(self) -> AsyncIterator[NsObject]:
         async for items, _rv in self.client.list_pages(resource_path("Namespace"), limit=500):
@@ -83,7 +100,7 @@ class NamespaceIO:
                 PATCH_FAILURES.inc()
                 if not transient(err) or backoff.attempts >= PATCH_ATTEMPTS:
                     raise
-                delay = backoff.next_delay()
+                delay = retry_delay(backoff, err)
                 log.warning(
                     "annotating namespace %s failed (%s); retrying in %.2fs",
                     obj.name,

@@ -69,3 +69,7 @@ VOLUME_CONFLICTS = Gauge(
     "NFS PersistentVolumes whose mount context names another level than their claim's "
     "namespace (reported, never changed).",
 )
+BAD_EVENTS = Counter(
+    "cedar_mcs_bad_events",
+    "Messages on the namespace events that are not a NamespaceEvent v1 (refused, logged).",
+)

@@ -5,7 +5,9 @@ The cache holds, per namespace, only its name, uid, the level in CEDAR_MCS_ANNOT
 none) and whether it is in scope (CEDAR_MCS_EXCLUDE, CEDAR_NAMESPACE, CEDAR_MCS_SELECTOR).
 A namespace the watch has not delivered yet, or one that has no level in the cache, is read
 with a GET before admission refuses a pod for it: the watch may lag the allocator's PATCH
-by a few milliseconds, and a refusal costs the tenant's controller a backoff.
+by a few milliseconds, and a refusal costs the tenant's controller a backoff. That read
+waits at most LOOKUP_PATIENCE seconds for a server that pushes back (429, 5xx): admission
+must answer within its timeout, and a refusal is retried by the pod's controller.
 
 I/O: the Kubernetes API through cedar.runtime.kube and `Reflector`.
 """
@@ -23,6 +25,9 @@ from cedar.mcs_allocator.scope import Scope
 from cedar.runtime.kube import JSON, KubeClient, NotFound, resource_path
 
 log = logging.getLogger("cedar.mcs_allocator.nscache")
+
+# The longest an admission lookup waits while the API server pushes back.
+LOOKUP_PATIENCE = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +91,9 @@ class NamespaceCache:
             return hit.view
         self.gets += 1
         try:
-            raw = await self.client.get(resource_path("Namespace", None, name))
+            raw = await self.client.get(
+                resource_path("Namespace", None, name), patience=LOOKUP_PATIENCE
+            )
         except NotFound:
             return None
         fresh = self.reduce(raw)

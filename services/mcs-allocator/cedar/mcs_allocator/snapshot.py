@@ -26,11 +26,11 @@ import json
 import sys
 import zlib
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import pairwise
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 from cedar.mcs_allocator.errors import SnapshotError
 from cedar.mcs_allocator.ledger_view import LedgerView
@@ -42,6 +42,7 @@ MAGIC = b"CEDAR-MCS-LEDGER-SNAPSHOT\n"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _LITTLE = sys.byteorder == "little"
 _STATES = ("allocated", "quarantined")
+T = TypeVar("T")
 
 _LABEL_COLUMNS = (
     "widths",
@@ -226,8 +227,8 @@ def _split(data: bytes) -> tuple[dict[str, object], memoryview]:
 
 
 def read_header(data: bytes) -> Header:
-    head, _ = _split(data)
-    return _header(head)
+    """The header of a snapshot; raises SnapshotError."""
+    return _refusing(lambda: _header(_split(data)[0]))
 
 
 def _header(head: dict[str, object]) -> Header:
@@ -244,22 +245,49 @@ def _header(head: dict[str, object]) -> Header:
         raise SnapshotError(f"incomplete header: {err}") from err
 
 
+def _refusing(read: Callable[[], T]) -> T:
+    """`read()`, with any sign of a damaged snapshot as SnapshotError: a snapshot is only
+    ever a shortcut, and a damaged one must send the allocator to the ledger, not stop it."""
+    try:
+        return read()
+    except SnapshotError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError, RecursionError) as err:
+        raise SnapshotError(f"damaged snapshot ({err.__class__.__name__}: {err})") from err
+
+
 def decode(data: bytes) -> Image:
     """The header and every entry of a snapshot; raises SnapshotError."""
+    return _refusing(lambda: _decode(data))
+
+
+def _decode(data: bytes) -> Image:
     head, compressed = _split(data)
     header = _header(head)
     sizes = head.get("sections")
     replicas = head.get("replicas")
-    if not isinstance(sizes, list) or len(sizes) != len(_LABEL_COLUMNS) + len(_NS_COLUMNS):
+    if (
+        not isinstance(sizes, list)
+        or len(sizes) != len(_LABEL_COLUMNS) + len(_NS_COLUMNS)
+        or not all(type(size) is int and size >= 0 for size in sizes)
+    ):
         raise SnapshotError("the header does not list the body's sections")
     if not isinstance(replicas, list):
         raise SnapshotError("the header does not list the replicas")
+    expected = sum(sizes)
+    inflate = zlib.decompressobj()
     try:
-        body = zlib.decompress(compressed)
+        # Never more than the header announces (and one byte to tell): a damaged body
+        # must not inflate to gigabytes first.
+        body = inflate.decompress(compressed, expected + 1)
     except zlib.error as err:
         raise SnapshotError(f"corrupt body: {err}") from err
-    if len(body) != sum(sizes):
-        raise SnapshotError(f"body is {len(body)} bytes, the header says {sum(sizes)}")
+    if len(body) > expected or inflate.unconsumed_tail:
+        raise SnapshotError(f"corrupt body: it inflates past the {expected} bytes the header says")
+    if not inflate.eof:
+        raise SnapshotError("corrupt body: incomplete or truncated stream")
+    if len(body) != expected:
+        raise SnapshotError(f"body is {len(body)} bytes, the header says {expected}")
     # Views, not copies: the body is the biggest buffer of the load.
     whole = memoryview(body)
     parts: list[memoryview] = []

@@ -5,6 +5,9 @@ node, and builds the parts around one desired set; `Puller.run` follows the node
 workloads and runs the reconcile loop until `stop`. I/O: only through the parts (and
 `Bus.ensure`); the engine is chosen here (runtime_choice.py: the Docker engine or a CRI
 runtime; the choice and why are logged), so that `--dry-run` never touches an engine.
+With `CEDAR_REGISTRY_FLEET_PULLS` the lease bucket is created and followed
+(fleet_leases.py); the warm-up gate (warm_gate.py) shares the Node's API client. A dry run
+takes no leases and patches no Node.
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ import time
 from dataclasses import dataclass
 
 from cedar.proto import subjects
+from cedar.proto.scheduling import NodeInfo
 from cedar.puller.credentials import CredentialStore
 from cedar.puller.desired import DesiredSet
 from cedar.puller.disk import DiskGuard
 from cedar.puller.engine import DryRunEngine, ImageEngine
 from cedar.puller.feed import DesiredFeed
+from cedar.puller.fleet_leases import LeaseStore
 from cedar.puller.node import NodeSource
 from cedar.puller.plan import Policy
 from cedar.puller.prune import Scope
@@ -33,6 +38,7 @@ from cedar.puller.registry import RegistryProbe
 from cedar.puller.runtime_choice import RuntimeChoice, choose
 from cedar.puller.settings import PullerSettings
 from cedar.puller.status import StatusPublisher
+from cedar.puller.warm_gate import WarmGate
 from cedar.runtime import topology
 from cedar.runtime.bus import Bus, bus_errors
 from cedar.runtime.health import Health
@@ -93,12 +99,20 @@ class Puller:
     runtime: RuntimeChoice | None  # None in a dry run
     node_source: NodeSource
     node_version: str  # the Node's resourceVersion to watch from
+    gate: WarmGate
+    leases: LeaseStore | None  # None: no fleet budget, or a dry run
+
+    def node_changed(self, node: NodeInfo) -> None:
+        self.gate.node_changed(node)
+        self.feed.node_changed(node)
 
     async def run(self, stop: asyncio.Event) -> None:
         tasks: list[asyncio.Task[None]] = []
         try:
+            if self.leases is not None:
+                await self.leases.start()
             if self.node_source.from_api:
-                follow = self.node_source.follow(stop, self.node_version, self.feed.node_changed)
+                follow = self.node_source.follow(stop, self.node_version, self.node_changed)
                 tasks.append(asyncio.create_task(follow, name="node-watch"))
             await self.feed.subscribe()
             await self.reconciler.run(stop)
@@ -108,6 +122,9 @@ class Puller:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self.pulls.cancel()
+            await self.gate.close()
+            if self.leases is not None:
+                await self.leases.close()
             await self.probe.close()
             await self.engine.close()
             await self.node_source.close()
@@ -121,6 +138,8 @@ async def assemble(
     for check in READINESS_CHECKS:
         health.require(check)
     node_name = settings.node
+    budget = settings.fleet_budget
+    paced = budget.enabled and not settings.dry_run
     with bus_errors("set up the puller's streams and buckets"):
         # The watcher owns the streams; the puller only makes sure they exist.
         await bus.ensure(streams=topology.service_streams(settings), update=False)
@@ -130,8 +149,15 @@ async def assemble(
                 topology.puller_state_bucket(settings),
             ],
         )
+        if paced:  # the pullers own the lease bucket
+            await bus.ensure(streams=[topology.fleet_leases_stream(settings)])
+            buckets[subjects.KV_FLEET_LEASES] = await bus.js.key_value(subjects.KV_FLEET_LEASES)
     status = StatusPublisher(
-        node_name, bus.js, buckets[subjects.KV_NODE_STATUS], dry_run=settings.dry_run
+        node_name,
+        bus.js,
+        buckets[subjects.KV_NODE_STATUS],
+        dry_run=settings.dry_run,
+        connected=lambda: bus.connected,
     )
     clocks = PruneClocks(node_name, buckets[subjects.KV_PULLER_STATE], dry_run=settings.dry_run)
     if not settings.dry_run:
@@ -162,6 +188,24 @@ async def assemble(
     )
     rng = random.Random()
     synced, dirty = asyncio.Event(), asyncio.Event()
+    gate = WarmGate(
+        node=node_name,
+        client=None if settings.dry_run else node_source.client,
+        timeout=settings.warm_timeout.total_seconds(),
+        initial=node,
+        on_done=dirty.set,
+    )
+    await gate.start()
+    leases = None
+    if paced:
+        leases = LeaseStore(
+            bus=bus,
+            kv=buckets[subjects.KV_FLEET_LEASES],
+            budget=budget,
+            holder=node_name,
+            ttl=settings.fleet_lease_ttl.total_seconds(),
+        )
+        log.info("fleet registry pacing on", extra={"budget": str(budget)})
     pulls = Pulls(
         engine=engine,
         probe=probe,
@@ -173,6 +217,8 @@ async def assemble(
         pull_timeout=settings.pull_timeout.total_seconds(),
         dry_run=settings.dry_run,
         dirty=dirty,
+        leases=leases,
+        warming=lambda: gate.warming,
     )
     pruner = Pruner(
         scope=Scope.from_settings(settings.prune_label, settings.prune_prefixes),
@@ -200,6 +246,7 @@ async def assemble(
         synced=synced,
         dirty=dirty,
         started=started,
+        gate=gate,
     )
     feed = DesiredFeed(
         bus=bus,
@@ -223,6 +270,8 @@ async def assemble(
         runtime=runtime,
         node_source=node_source,
         node_version=node_version,
+        gate=gate,
+        leases=leases,
     )
 
 

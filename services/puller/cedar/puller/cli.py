@@ -6,7 +6,10 @@ taints/tolerations, os/arch), pulls what is missing (most-wanted first, at most
 CEDAR_MAX_CONCURRENT_PULLS at once) into the image store the kubelet uses, through the CRI
 of containerd or CRI-O or through the Docker engine (CEDAR_RUNTIME), refreshes tags every
 CEDAR_REFRESH_INTERVAL, prunes in-scope images nobody wanted for CEDAR_PRUNE_AFTER, and
-publishes each image's state to KV cedar-node-status.
+publishes each image's state to KV cedar-node-status. With CEDAR_REGISTRY_FLEET_PULLS, pulls
+from a registry take a fleet-wide lease first (KV cedar-fleet-leases). A node registered
+with the taint cedar.io/warming:NoSchedule has it removed once its images are present, or
+after CEDAR_WARM_TIMEOUT.
 
 environment (each option below overrides its variable):
   CEDAR_NODE_NAME             this node's name (required; downward API spec.nodeName)
@@ -19,6 +22,11 @@ environment (each option below overrides its variable):
   CEDAR_REGISTRY_AUTH_FILE    .dockerconfigjson with registry credentials (never logged)
   CEDAR_INSECURE_REGISTRIES   registries probed over http (127.0.0.1/localhost always are)
   CEDAR_MAX_CONCURRENT_PULLS  parallel pulls (default 3)
+  CEDAR_REGISTRY_FLEET_PULLS  host=N,...,*=N: pulls at once from a registry across the whole
+                              fleet (default: not paced)
+  CEDAR_FLEET_LEASE_TTL       a dead puller's fleet lease lapses after this (default 30s)
+  CEDAR_WARM_TIMEOUT          lift cedar.io/warming this long after the node was created,
+                              whatever is missing (default 10m)
   CEDAR_REFRESH_INTERVAL      re-pull tag references this often (default 1h; digests never)
   CEDAR_REFRESH_JITTER        fraction of the interval a node spreads refreshes over (0.1)
   CEDAR_PRUNE_LABEL           key=value (or key): images carrying it are prunable
@@ -58,6 +66,7 @@ examples:
   CEDAR_NODE_NAME=node-1 cedar puller
   cedar puller --node-name node-1 --no-node-from-api --node-labels disktype=ssd
   cedar puller --node-name node-1 --runtime cri --cri-endpoint /run/containerd/containerd.sock
+  cedar puller --node-name node-1 --registry-fleet-pulls 'harbor.example.com=40,*=100'
   cedar puller --node-name node-1 --dry-run --from-subject cedar.replay.workloads.>
 """
 
@@ -75,6 +84,13 @@ _OPTIONS: tuple[tuple[str, str, str], ...] = (
         "max_concurrent_pulls",
         "parallel pulls (CEDAR_MAX_CONCURRENT_PULLS)",
     ),
+    (
+        "--registry-fleet-pulls",
+        "registry_fleet_pulls",
+        "fleet-wide pulls per registry, host=N,*=N (CEDAR_REGISTRY_FLEET_PULLS)",
+    ),
+    ("--fleet-lease-ttl", "fleet_lease_ttl", "fleet lease TTL (CEDAR_FLEET_LEASE_TTL)"),
+    ("--warm-timeout", "warm_timeout", "warm-up gate timeout (CEDAR_WARM_TIMEOUT)"),
     ("--refresh-interval", "refresh_interval", "tag refresh interval (CEDAR_REFRESH_INTERVAL)"),
     ("--prune-label", "prune_label", "prune scope label (CEDAR_PRUNE_LABEL)"),
     ("--prune-repositories", "prune_repositories", "prune scope (CEDAR_PRUNE_REPOSITORIES)"),

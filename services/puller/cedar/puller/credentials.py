@@ -101,8 +101,9 @@ class CredentialStore:
         try:
             with open(self.path, encoding="utf-8") as fh:
                 self._creds = parse_dockerconfig(json.load(fh))
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, RecursionError) as err:
             # json's message may quote the file's text; report only where it broke.
+            # RecursionError: JSON nested deeper than the interpreter's stack.
             where = f"line {err.lineno}" if isinstance(err, json.JSONDecodeError) else ""
             log.error(
                 "cannot parse the registry auth file; pulling without credentials",

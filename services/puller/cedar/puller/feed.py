@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from cedar.proto import subjects
 from cedar.proto.models import WorkloadImageSet
 from cedar.proto.scheduling import NodeInfo
+from cedar.puller import metrics
 from cedar.puller.desired import Change, DesiredSet
 from cedar.runtime.bus import Bus, BusError, bus_errors
 from cedar.runtime.health import Health
@@ -109,6 +110,7 @@ class DesiredFeed:
         try:
             wis = WorkloadImageSet.model_validate_json(msg.data)
         except ValidationError as err:
+            metrics.BAD_MESSAGES.inc()
             log.warning(
                 "ignoring a message that is not a WorkloadImageSet v1",
                 extra={"subject": msg.subject, "errors": err.error_count()},

@@ -53,3 +53,64 @@ RUNTIME_INFO = Gauge(
     "1 for the engine this puller drives: its own name (docker, containerd, cri-o) and version.",
     ["runtime", "version"],
 )
+
+# --- fleet-wide registry pacing (fleet_leases.py) ------------------------------------------
+WAIT_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+FLEET_LEASES_HELD = Gauge(
+    "cedar_puller_fleet_leases_held",
+    "Fleet registry leases this node holds now (pulls in progress from a paced registry).",
+    ["registry"],
+)
+FLEET_WAITING = Gauge(
+    "cedar_puller_fleet_lease_waiting",
+    "This node's pulls waiting for a fleet registry lease.",
+    ["registry"],
+)
+FLEET_WAIT = Histogram(
+    "cedar_puller_fleet_lease_wait_seconds",
+    "From asking for a fleet registry lease to holding it, by priority (cold, missing, refresh).",
+    ["priority"],
+    buckets=WAIT_BUCKETS,
+)
+FLEET_GRANTS = Counter(
+    "cedar_puller_fleet_lease_grants",
+    "Pulls from paced registries that went ahead: with a lease, or without one because the "
+    "lease store was unavailable (the node's own bound only).",
+    ["result"],
+)
+FLEET_LEASES_LOST = Counter(
+    "cedar_puller_fleet_leases_lost",
+    "Leases that lapsed before this node renewed them (NATS unreachable for a TTL).",
+)
+FLEET_WITHDRAWN = Counter(
+    "cedar_puller_fleet_lease_withdrawn",
+    "Waiting refreshes withdrawn so that this node's missing images could take their slot.",
+)
+FLEET_STORE_ERRORS = Counter(
+    "cedar_puller_fleet_lease_store_errors",
+    "Failed reads or writes of the fleet lease bucket (pulls then go on without a lease).",
+)
+FLEET_BAD_ENTRIES = Counter(
+    "cedar_puller_fleet_lease_bad_entries",
+    "Entries of the fleet lease bucket that are not a lease or request (ignored).",
+)
+
+# --- the warm-up gate (warm_gate.py) -------------------------------------------------------
+WARMING = Gauge(
+    "cedar_puller_warming",
+    "1 while this node carries the cedar.io/warming taint and its puller has not lifted it.",
+)
+GATE_LIFTED = Counter(
+    "cedar_puller_warm_gate_lifted",
+    "Times this puller removed cedar.io/warming from its Node, by reason (warm, timeout).",
+    ["reason"],
+)
+GATE_ERRORS = Counter(
+    "cedar_puller_warm_gate_errors",
+    "Failed removals of cedar.io/warming, by reason (forbidden, conflict, unavailable, error).",
+    ["reason"],
+)
+BAD_MESSAGES = Counter(
+    "cedar_puller_bad_messages",
+    "Messages on the workloads feed that are not a WorkloadImageSet v1 (skipped, logged).",
+)

@@ -5,7 +5,10 @@ When `CEDAR_NODE_FROM_API` is false, or no Kubernetes configuration is available
 sandbox, a test), they come from `CEDAR_NODE_LABELS` / `CEDAR_NODE_TAINTS` instead, with the
 local `kubernetes.io/os` and `kubernetes.io/arch` unless those are given. The Node's
 `status.nodeInfo.containerRuntimeVersion` (`containerd://1.7.2`) is kept for choosing the
-engine (runtime_choice.py).
+engine (runtime_choice.py). API failures back off with jitter, never sooner than the
+server's Retry-After; a first 410 reads the Node again at once, 410 after 410 with nothing
+in between backs off; a watch that sent nothing for the client's idle timeout is renewed
+from where it was.
 """
 
 from __future__ import annotations
@@ -17,8 +20,16 @@ from collections.abc import Callable
 
 from cedar.proto.scheduling import NodeInfo, node_from_object, static_node
 from cedar.puller.settings import PullerSettings
-from cedar.runtime.backoff import Backoff
-from cedar.runtime.kube import Gone, KubeClient, KubeError, load_config, resource_path
+from cedar.runtime.backoff import Backoff, after
+from cedar.runtime.kube import (
+    Gone,
+    KubeClient,
+    KubeError,
+    Stalled,
+    Unavailable,
+    load_config,
+    resource_path,
+)
 
 log = logging.getLogger("cedar.puller.node")
 
@@ -73,13 +84,12 @@ class NodeSource:
             try:
                 obj = await self.client.get(path)
             except KubeError as err:
-                delay = backoff.next_delay()
+                delay = _retry_delay(backoff, err)
                 log.warning(
                     "cannot read this node's Node object; retrying",
                     extra={"status": err.status, "error": err.message, "retry_in": delay},
                 )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay)
+                await _sleep_or_stop(stop, delay)
                 continue
             rv = str((obj.get("metadata") or {}).get("resourceVersion", ""))
             info = (obj.get("status") or {}).get("nodeInfo") or {}
@@ -96,9 +106,12 @@ class NodeSource:
             return
         client = self.client
         backoff = Backoff(base=0.5, cap=15.0)
+        expired = Backoff(base=2.0, cap=30.0, floor=0.5)
+        expired_in_a_row = 0
         rv = resource_version
         params = {"fieldSelector": f"metadata.name={self.settings.node}"}
         while not stop.is_set():
+            delivered = False
             try:
                 if not rv:
                     fetched = await self._fetch(stop)
@@ -109,6 +122,7 @@ class NodeSource:
                 async for event in client.watch(
                     resource_path("Node"), rv, timeout_seconds=300, params=params
                 ):
+                    delivered = True
                     obj = event.get("object") or {}
                     meta = obj.get("metadata") or {}
                     rv = str(meta.get("resourceVersion", rv))
@@ -117,14 +131,37 @@ class NodeSource:
                     backoff.reset()
                     if stop.is_set():
                         return
+                if delivered:
+                    expired_in_a_row = 0
+                    expired.reset()
+            except Stalled as err:
+                log.warning(
+                    "node watch sent nothing for too long; watching again",
+                    extra={"error": err.message},
+                )
             except Gone:
                 rv = ""
+                if delivered:
+                    expired_in_a_row = 0
+                    expired.reset()
+                expired_in_a_row += 1
+                if expired_in_a_row > 1:
+                    await _sleep_or_stop(stop, expired.next_delay())
             except KubeError as err:
-                delay = backoff.next_delay()
+                delay = _retry_delay(backoff, err)
                 log.warning(
                     "node watch failed; retrying",
                     extra={"status": err.status, "error": err.message, "retry_in": delay},
                 )
                 rv = ""
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay)
+                await _sleep_or_stop(stop, delay)
+
+
+def _retry_delay(backoff: Backoff, err: KubeError) -> float:
+    """The next wait: the backoff's, but never sooner than the server's Retry-After."""
+    return after(backoff.next_delay(), err.retry_after if isinstance(err, Unavailable) else None)
+
+
+async def _sleep_or_stop(stop: asyncio.Event, delay: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), delay)

@@ -8,6 +8,10 @@ having seen every event. I/O: the image engine (list), the disk guard, status an
 decisions (status.py), the prune (pruner.py) and the pulls (pulls.py); the image metrics
 and cedar_puller_runtime_info (the engine's name and version, read again after an outage).
 While the engine does not answer, /readyz says why and the loop retries every few seconds.
+With a fleet budget, pulls waiting for a lease keep their local slot; when every slot is
+taken and a missing image has none, the node's own waiting refreshes give theirs up
+(`pacing.to_withdraw`). Each pass asks the warm-up gate (warm_gate.py) whether the node's
+`cedar.io/warming` taint may go.
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ from cedar.puller.desired import Change, DesiredSet
 from cedar.puller.disk import DiskGuard
 from cedar.puller.engine import ImageEngine
 from cedar.puller.errors import EngineError
+from cedar.puller.pacing import priority_of, to_withdraw
 from cedar.puller.plan import (
     PERMANENT_REASONS,
     ImageRecord,
+    Plan,
     Policy,
     lookup,
     observe_present,
@@ -38,6 +44,7 @@ from cedar.puller.pruner import Pruner
 from cedar.puller.pulls import Pulls
 from cedar.puller.registry import RegistryProbe
 from cedar.puller.status import StatusPublisher, export_metrics
+from cedar.puller.warm_gate import WarmGate
 from cedar.runtime.health import Health
 
 log = logging.getLogger("cedar.puller")
@@ -62,6 +69,7 @@ class Reconciler:
         synced: asyncio.Event,
         dirty: asyncio.Event,
         started: float,
+        gate: WarmGate | None = None,
     ) -> None:
         self.desired = desired
         self.engine = engine
@@ -80,7 +88,11 @@ class Reconciler:
         self.records: dict[str, ImageRecord] = {}
         self.warm = asyncio.Event()
         self.started = started  # monotonic time the puller started, for "warm after"
+        self.gate = gate
         self._skips: dict[str, tuple[frozenset[str], str]] = {}
+        # Images whose status key must go but whose delete NATS has not taken yet.
+        self._unforgotten: set[str] = set()
+        self._swept = False  # this node's keys left by an earlier run are checked
         self._described = False  # the engine's version is read and exported
 
     def note_change(self, change: Change) -> None:
@@ -184,22 +196,22 @@ class Reconciler:
                 if disk_low and record.state == "missing":
                     record.reason = "low_disk"
 
-        # Images nobody wants any more: forget their bookkeeping and status.
+        # Images nobody wants any more: forget their bookkeeping and status. Each delete
+        # awaits NATS, and the desired set may change meanwhile: re-check every image.
+        if not self._swept:
+            await self._sweep_stored()
         for image in [i for i in self.records if i not in desired and i not in in_flight]:
+            if image in desired or image in in_flight:
+                continue  # wanted again while an earlier delete awaited NATS
             del self.records[image]
-            await self.status.forget_image(image)
+            self._unforgotten.add(image)
+        for image in list(self._unforgotten):
+            if image in desired or image in self.records:
+                self._unforgotten.discard(image)  # wanted again: its status is written anew
+            elif await self.status.forget_image(image):
+                self._unforgotten.discard(image)  # else retried at the next pass
 
-        result = plan(
-            desired.images(),
-            desired.priority,
-            present,
-            in_flight,
-            self.records,
-            now=now,
-            slots=self.max_concurrent_pulls - len(in_flight),
-            registry_down=self.probe.open_breakers(),
-            disk_low=disk_low,
-        )
+        result = self._plan(present, now, disk_low)
         for image, why in result.invalid:
             record = self.records[image]
             if record.reason != "invalid_reference":
@@ -216,6 +228,18 @@ class Reconciler:
             await self.status.publish_image(record, desired.workloads_of(record.image))
         export_metrics(self.records.values(), len(desired))
         self._check_warm()
+        if self.gate is not None:
+            unpullable = {
+                r.image
+                for r in self.records.values()
+                if r.state == "failed" and r.reason in PERMANENT_REASONS
+            }
+            self.gate.check(
+                loaded=self.synced.is_set(),
+                desired=desired.images(),
+                present=present,
+                unpullable=unpullable,
+            )
         if self.synced.is_set():
             await self.pruner.track_and_prune(local, in_flight, wall)
 
@@ -223,12 +247,54 @@ class Reconciler:
             result.next_wakeup,
             self.probe.next_retry(),
             self.pruner.next_due(now, wall),
+            self.gate.next_due() if self.gate is not None else None,
         ]
         expiry = desired.next_expiry()
         if expiry is not None:
             candidates.append(now + max(0.0, expiry.timestamp() - wall))
         times = [t for t in candidates if t is not None]
         return min(times) if times else None
+
+    def _plan(self, present: dict[str, str | None], now: float, disk_low: bool) -> Plan:
+        """`plan`, and the node's own waiting refreshes withdrawn when they hold every slot
+        a missing image needs (pacing.to_withdraw: strictly lower priorities only)."""
+        desired, in_flight = self.desired, self.pulls.in_flight
+
+        def choose(slots: int) -> Plan:
+            return plan(
+                desired.images(),
+                desired.priority,
+                present,
+                in_flight,
+                self.records,
+                now=now,
+                slots=slots,
+                registry_down=self.probe.open_breakers(),
+                disk_low=disk_low,
+            )
+
+        slots = self.max_concurrent_pulls - len(in_flight)
+        result = choose(slots)
+        waiting = dict(self.pulls.waiting)
+        if not waiting or len(result.pulls) < max(slots, 0):
+            return result  # nothing waits for a lease, or a slot is left
+        chosen = sum(1 for _, kind in result.pulls if kind == "pull")
+        wide = choose(slots + len(waiting))
+        blocked = sum(1 for _, kind in wide.pulls if kind == "pull") - chosen
+        if blocked <= 0:
+            return result
+        mine = priority_of("pull", node_warming=self.gate is not None and self.gate.warming)
+        withdrawn = to_withdraw(waiting, blocked=mine, count=blocked)
+        if not withdrawn:
+            return result
+        for image in withdrawn:
+            self.pulls.withdraw(image)
+        log.info(
+            "waiting refreshes give their slots to missing images",
+            extra={"withdrawn": len(withdrawn), "blocked": blocked},
+        )
+        # The withdrawn pulls leave `in_flight` when their tasks end: not chosen again now.
+        return choose(slots + len(withdrawn))
 
     async def _describe(self) -> None:
         version = await self.engine.version()
@@ -239,6 +305,17 @@ class Reconciler:
             extra={"runtime": version.name, "version": version.version, "api": version.api},
         )
         self._described = True
+
+    async def _sweep_stored(self) -> None:
+        """Once per start: the status keys an earlier run of this node left in KV for
+        images nobody wants now (it died before it could delete them) go too."""
+        stored = await self.status.stored_images()
+        if stored is None:
+            return  # NATS cannot say now: the next pass asks again
+        self._swept = True
+        for image in stored:
+            if image not in self.desired and image not in self.records:
+                self._unforgotten.add(image)
 
     def _check_warm(self) -> None:
         if self.warm.is_set() or not self.synced.is_set():

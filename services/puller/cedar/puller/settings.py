@@ -12,6 +12,8 @@ from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from cedar.puller.errors import PullerConfigError
+from cedar.puller.pacing import DEFAULT_LEASE_TTL, FleetBudget, parse_fleet_pulls
+from cedar.puller.warmup import DEFAULT_WARM_TIMEOUT, check_timeout
 from cedar.runtime.durations import Duration
 from cedar.runtime.settings import CommonSettings
 
@@ -90,8 +92,42 @@ class PullerSettings(CommonSettings):
     kubeconfig: str | None = Field(
         default=None, validation_alias=AliasChoices("KUBECONFIG", "CEDAR_KUBECONFIG")
     )
+    registry_fleet_pulls: str = Field(
+        default="",
+        description="host=N,...: at most N pulls from that registry at once across the fleet "
+        "(`*` for any other registry), coordinated through NATS KV cedar-fleet-leases.",
+    )
+    fleet_lease_ttl: Duration = Field(
+        default=timedelta(seconds=DEFAULT_LEASE_TTL),
+        description="A fleet lease (or request) of a puller that stopped renewing it lapses "
+        "after this long; renewed every third of it. Whole seconds, at least 1s.",
+    )
+    warm_timeout: Duration = Field(
+        default=timedelta(seconds=DEFAULT_WARM_TIMEOUT),
+        description="The warm-up gate opens this long after the node was created, whatever "
+        "is still missing.",
+    )
     dry_run: bool = False
     from_subject: str | None = None
+
+    @field_validator("registry_fleet_pulls")
+    @classmethod
+    def _budget_parses(cls, value: str) -> str:
+        parse_fleet_pulls(value)  # FleetPullsError (a ValueError) names the bad entry
+        return value
+
+    @field_validator("fleet_lease_ttl")
+    @classmethod
+    def _lease_ttl(cls, value: timedelta) -> timedelta:
+        if value.total_seconds() < 1:
+            raise ValueError(f"CEDAR_FLEET_LEASE_TTL must be at least 1s, not {value}")
+        return value
+
+    @field_validator("warm_timeout")
+    @classmethod
+    def _warm_timeout(cls, value: timedelta) -> timedelta:
+        check_timeout(value.total_seconds())
+        return value
 
     @field_validator("node_name")
     @classmethod
@@ -116,6 +152,10 @@ class PullerSettings(CommonSettings):
     @property
     def prune_prefixes(self) -> tuple[str, ...]:
         return _split(self.prune_repositories)
+
+    @property
+    def fleet_budget(self) -> FleetBudget:
+        return parse_fleet_pulls(self.registry_fleet_pulls)
 
     @property
     def insecure_hosts(self) -> tuple[str, ...]:

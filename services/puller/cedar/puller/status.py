@@ -4,14 +4,16 @@ I/O: KV cedar-node-status and the subject cedar.decisions.<node>, through
 cedar.runtime.bus (nats-py's errors arrive as BusError); the cedar_puller_images gauges.
 Status entries (`cedar-node-status`, key `node_status_key(node, image)`) are written only
 when an image's state, digest or reason changes, so a steady node costs no KV writes.
-Publishing never blocks the puller on NATS: a failed write is retried at the next reconcile.
+Publishing never blocks the puller on NATS: a failed write is retried at the next reconcile,
+and while the connection is down nothing is sent at all (a JetStream publish would wait for
+its acknowledgement's timeout, seconds per write, holding up reconciles and pulls).
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 
 from nats.js import JetStreamContext
@@ -41,11 +43,13 @@ class StatusPublisher:
         kv: KeyValue,
         *,
         dry_run: bool = False,
+        connected: Callable[[], bool] = lambda: True,
     ) -> None:
         self.node = node
         self.js = js
         self.kv = kv
         self.dry_run = dry_run
+        self.connected = connected  # False while NATS is away: writes wait for the next pass
         self._published: dict[str, tuple[str, str | None, str | None]] = {}
         self.decisions: list[PullerDecision] = []  # kept only in dry-run, for inspection
 
@@ -53,7 +57,7 @@ class StatusPublisher:
         if self.dry_run:
             return
         fingerprint = (record.state, record.digest, record.reason)
-        if self._published.get(record.image) == fingerprint:
+        if self._published.get(record.image) == fingerprint or not self.connected():
             return
         status = NodeImageStatus(
             node=self.node,
@@ -76,16 +80,46 @@ class StatusPublisher:
             return
         self._published[record.image] = fingerprint
 
-    async def forget_image(self, image: str) -> None:
+    async def forget_image(self, image: str) -> bool:
+        """Delete the image's status key; False when it is not done (retry later)."""
         if self.dry_run:
-            return
+            return True
+        if not self.connected():
+            return False
         try:
             with bus_errors("delete image status"):
                 await self.kv.delete(subjects.node_status_key(self.node, image))
         except _PUBLISH_ERRORS as err:
             log.debug("cannot delete image status yet: %s", err)
-            return
+            return False
         self._published.pop(image, None)
+        return True
+
+    async def stored_images(self) -> set[str] | None:
+        """The images this node has a status key for in KV now, an earlier run's included
+        (None when NATS cannot say)."""
+        if self.dry_run:
+            return set()
+        if not self.connected():
+            return None
+        found: set[str] = set()
+        try:
+            with bus_errors("list this node's image status"):
+                watcher = await self.kv.watch(f"{subjects.token(self.node)}.>", ignore_deletes=True)
+                try:
+                    async for entry in watcher:
+                        if entry is None:
+                            break
+                        try:
+                            found.add(NodeImageStatus.model_validate_json(entry.value or b"").image)
+                        except ValueError:
+                            log.warning("unreadable image status in KV", extra={"key": entry.key})
+                finally:
+                    await watcher.stop()  # type: ignore[no-untyped-call]
+        except _PUBLISH_ERRORS as err:
+            log.debug("cannot list this node's image status yet: %s", err)
+            return None
+        return found
 
     async def decision(
         self,
@@ -117,6 +151,8 @@ class StatusPublisher:
         )
         if self.dry_run:
             self.decisions.append(record)
+        if not self.connected():
+            return  # logged above; the history misses it, as it would a failed publish
         try:
             with bus_errors("publish a decision"):
                 await self.js.publish(

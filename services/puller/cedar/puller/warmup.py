@@ -12,7 +12,7 @@ means "not read yet", not "nothing to pull"); the timeout still applies.
 
 The taint is not a scheduling constraint for Cedar's own matching, like the
 `node.kubernetes.io/*` condition taints: a warming node must pull what tenants will run
-there. `for_matching()` gives the node as the match must see it.
+there. The match itself ignores it (`cedar.proto.scheduling.NodeInfo.blocking_taints`).
 
 It touches only its arguments; times are floats passed in (seconds, the caller's clock).
 """
@@ -23,10 +23,24 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from cedar.proto.scheduling import NodeInfo
+from cedar.proto.scheduling import WARMING_TAINT_KEY, NodeInfo
 from cedar.puller.errors import PullerConfigError
 
-WARMING_TAINT_KEY = "cedar.io/warming"
+__all__ = [
+    "DEFAULT_WARM_TIMEOUT",
+    "WARMING_TAINT_EFFECT",
+    "WARMING_TAINT_KEY",
+    "WARM_TIMEOUT_VARIABLE",
+    "GateDecision",
+    "WarmTimeoutError",
+    "check_timeout",
+    "decide",
+    "has_warming_taint",
+    "is_warming_taint",
+    "removal_patch",
+    "taints_without_warming",
+]
+
 WARMING_TAINT_EFFECT = "NoSchedule"
 WARM_TIMEOUT_VARIABLE = "CEDAR_WARM_TIMEOUT"
 DEFAULT_WARM_TIMEOUT = 600.0
@@ -53,14 +67,6 @@ def is_warming_taint(key: str, effect: str) -> bool:
 
 def has_warming_taint(node: NodeInfo) -> bool:
     return any(is_warming_taint(t.key, t.effect) for t in node.taints)
-
-
-def for_matching(node: NodeInfo) -> NodeInfo:
-    """`node` without the warming taint: what Cedar's scheduling match must look at."""
-    if not has_warming_taint(node):
-        return node
-    kept = tuple(t for t in node.taints if not is_warming_taint(t.key, t.effect))
-    return NodeInfo(name=node.name, labels=node.labels, taints=kept)
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,12 +3,15 @@
 What it reads goes into the `WatchState`; the publisher is woken through `notify`.
 
 A paginated list gives a consistent snapshot and its resourceVersion; the watch continues
-from there, with bookmarks keeping the resourceVersion fresh. A watch that ends normally is
-renewed from the last resourceVersion seen. `410 Gone` (history compacted), a broken
-stream or any API error leads to a full relist, diffed against what is known so that
-objects deleted in the gap get their deletion markers. Errors back off with full jitter.
-A kind the service account may not list is reported once (log and metric), retried
-slowly, and does not hold up the other kinds or readiness.
+from there, with bookmarks keeping the resourceVersion fresh. A watch that ends normally, or
+that sent nothing for the client's idle timeout (`Stalled`: longer than the server's
+bookmark interval), is renewed from the last resourceVersion seen. `410 Gone` (history
+compacted), a broken stream or any API error leads to a full relist, diffed against what is
+known so that objects deleted in the gap get their deletion markers. Errors back off with
+full jitter, never sooner than the server's Retry-After; a 410 relists at once, but 410s
+that follow each other with nothing in between (a server that answers every watch so) back
+off too, so no fault makes a hot loop. A kind the service account may not list is reported
+once (log and metric), retried slowly, and does not hold up the other kinds or readiness.
 """
 
 from __future__ import annotations
@@ -18,9 +21,17 @@ import logging
 import time
 from collections.abc import Callable
 
-from cedar.runtime.backoff import Backoff
+from cedar.runtime.backoff import Backoff, after
 from cedar.runtime.health import Health
-from cedar.runtime.kube import Forbidden, Gone, KubeClient, KubeError, NotFound, resource_path
+from cedar.runtime.kube import (
+    Forbidden,
+    Gone,
+    KubeClient,
+    KubeError,
+    Stalled,
+    Unavailable,
+    resource_path,
+)
 from cedar.watcher import metrics
 from cedar.watcher.messages import NAMESPACE
 from cedar.watcher.watch_state import Report, WatchState
@@ -65,6 +76,7 @@ class Informer:
             self.path = resource_path(kind, namespace)
         self.resource_version: str | None = None
         self.synced = False
+        self.delivered = False  # whether the last watch sent any event
         self.on_synced = on_synced
         self._forbidden = False
         self._events = {
@@ -76,6 +88,9 @@ class Informer:
 
     async def run(self) -> None:
         backoff = Backoff(base=0.5, cap=30.0)
+        # 410s with no event in between: the first relists at once, the next ones wait.
+        expired = Backoff(base=2.0, cap=30.0, floor=0.5)
+        expired_in_a_row = 0
         reason = "start"
         while True:
             try:
@@ -83,19 +98,34 @@ class Informer:
                     self.resource_version = await self.relist(reason)
                     backoff.reset()
                 await self.watch()
+                if self.delivered:
+                    expired_in_a_row = 0
+                    expired.reset()
                 continue  # the server ended the watch normally: renew it
             except Gone:
-                log.info("%s: resourceVersion expired; relisting", self.kind)
                 reason = "expired"
                 self.resource_version = None
-                continue  # a relist right away is the cure, no need to wait
+                if self.delivered:
+                    expired_in_a_row = 0
+                    expired.reset()
+                expired_in_a_row += 1
+                delay = expired.next_delay() if expired_in_a_row > 1 else 0.0
+                log.info(
+                    "%s: resourceVersion expired; relisting%s",
+                    self.kind,
+                    f" in {delay:.1f}s (410 {expired_in_a_row} times in a row)" if delay else "",
+                )
+                if delay:
+                    await asyncio.sleep(delay)
+                continue  # a first 410: a relist right away is the cure, no need to wait
             except Forbidden as err:
                 self._report_forbidden(err)
                 reason = "error"
                 delay = max(backoff.next_delay(), FORBIDDEN_RETRY_MIN_SECONDS)
             except KubeError as err:
                 reason = "stream_broken" if err.reason == "StreamBroken" else "error"
-                delay = backoff.next_delay()
+                retry_after = err.retry_after if isinstance(err, Unavailable) else None
+                delay = after(backoff.next_delay(), retry_after)
                 log.warning(
                     "%s: %s; relisting in %.1fs",
                     self.kind,
@@ -127,6 +157,7 @@ class Informer:
 
     async def relist(self, reason: str) -> str:
         metrics.RELISTS.labels(kind=self.kind, reason=reason).inc()
+        self.delivered = False
         self.state.begin_list(self.kind)
         rv = ""
         listed = self._events["LISTED"]
@@ -165,6 +196,25 @@ class Informer:
         return rv
 
     async def watch(self) -> None:
+        """Follow the watch until the server ends it (`delivered`: whether it sent anything).
+
+        A watch that sends nothing for the client's idle timeout ends here too (it is
+        renewed from the last resourceVersion; a relist is not needed for that).
+        """
+        assert self.resource_version is not None
+        self.delivered = False
+        try:
+            await self._follow()
+        except Stalled as err:
+            log.warning(
+                "%s: the watch sent nothing for too long (%s); watching again from %s",
+                self.kind,
+                err,
+                self.resource_version,
+                extra={"kind": self.kind},
+            )
+
+    async def _follow(self) -> None:
         assert self.resource_version is not None
         apply = self.state.apply
         outbox = self.state.outbox
@@ -174,6 +224,7 @@ class Informer:
             timeout_seconds=self.watch_timeout,
             params=self.params,
         ):
+            self.delivered = True
             type_ = event.get("type")
             obj = event.get("object")
             if not isinstance(obj, dict):
@@ -203,14 +254,19 @@ class Informer:
                 self.notify()
 
     async def _refetch(self) -> None:
-        """Read again the revisions that are kept anew but whose message was not kept."""
+        """Read again the revisions that are kept anew but whose message was not kept.
+
+        By a list with a `metadata.name` field selector, not a get: the watcher's RBAC grants
+        list and watch only (deploy/watcher/rbac.yaml), and a get would be refused.
+        """
         while self.state.refetch and self.kind == "ReplicaSet":
             namespace, name = self.state.refetch.pop()
-            try:
-                obj = await self.client.get(resource_path(self.kind, namespace, name))
-            except NotFound:
-                continue  # deleted meanwhile: its DELETED event follows
-            self._report(self.state.apply(self.kind, "MODIFIED", obj))
+            params = {"fieldSelector": f"metadata.name={name}"}
+            async for items, _ in self.client.list_pages(
+                resource_path(self.kind, namespace), limit=1, params=params
+            ):
+                for obj in items:  # none: deleted meanwhile, its DELETED event follows
+                    self._report(self.state.apply(self.kind, "MODIFIED", obj))
 
     def _report(self, reports: list[Report]) -> None:
         for report in reports:
