@@ -16,7 +16,6 @@ import contextlib
 import logging
 
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from pydantic import ValidationError
@@ -61,8 +60,10 @@ class _DurableEvents:
                             max_deliver=-1,
                         ),
                     )
+                # An empty fetch is a timeout; nats-py raises its own TimeoutError or, now and
+                # then, the builtin one (seen in the soak) — both mean "no events", not an outage.
                 return await self.sub.fetch(batch=batch, timeout=wait)
-            except NatsTimeoutError:
+            except TimeoutError:
                 return None
 
     async def close(self) -> None:
