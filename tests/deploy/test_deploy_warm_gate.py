@@ -26,6 +26,7 @@ import yaml
 
 from cedar.puller.settings import PullerSettings
 from cedar.puller.warmup import WARMING_TAINT_KEY
+from tests.deploy.test_deploy import checkov_failures
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -167,41 +168,10 @@ def test_checkov_finds_nothing_new_in_the_component(
     rendered: dict[str, list[dict[str, Any]]], tmp_path: Path
 ) -> None:
     """The base's accepted exceptions (deploy/checkov-skips.yaml) and nothing more."""
-    checkov = REPO / ".venv-tools" / "bin" / "checkov"
-    if not checkov.exists():
-        pytest.fail(
-            "the tools venv is missing: python3 -m venv .venv-tools && "
-            ".venv-tools/bin/pip install -r tests/deploy/tools-requirements.txt"
-        )
     scan = tmp_path / "scan"
     scan.mkdir()
     (scan / "cedar.yaml").write_text(yaml.safe_dump_all(rendered["gate"]))
-    proc = subprocess.run(
-        [
-            str(checkov),
-            "--directory",
-            str(scan),
-            "--framework",
-            "kubernetes",
-            "--output",
-            "json",
-            "--quiet",
-            "--compact",
-            "--soft-fail",
-            "--skip-download",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-        env={**os.environ, "LOG_LEVEL": "ERROR"},
-    )
-    assert proc.returncode == 0, proc.stderr
-    out = proc.stdout
-    report: Any = json.loads(out[out.find("{") :])
-    if isinstance(report, list):
-        (report,) = [r for r in report if r.get("check_type") == "kubernetes"]
-    assert report["summary"]["passed"] > 0, "checkov ran no check"
-    failed = {(f["check_id"], f["resource"]) for f in report["results"]["failed_checks"]}
+    failed = checkov_failures("kubernetes", scan)
     skips = yaml.safe_load((DEPLOY / "checkov-skips.yaml").read_text())["skips"]
     allowed = {(s["check"], r) for s in skips for r in s["resources"]}
     assert failed <= allowed, f"new checkov failures: {sorted(failed - allowed)}"
