@@ -5,6 +5,11 @@ not), what is in flight, and what is pending. Pending changes are coalesced per 
 (latest wins), so a NATS outage costs memory proportional to the number of changed
 workloads, not to the number of events. A deletion of something that was never stored (nor
 is in flight) is simply dropped. The publisher takes from it and reports back each result.
+
+Only live messages keep a record: a subject whose deletion marker is stored (or read back)
+is forgotten, since a deleted record and no record mean the same to `offer`, `retire` and
+`live`. Otherwise the watcher would keep one record per subject it ever stored, and every
+rollout names a new ReplicaSet.
 """
 
 from __future__ import annotations
@@ -40,9 +45,18 @@ class Outbox:
     def __len__(self) -> int:
         return len(self.pending) + len(self.inflight)
 
+    @property
+    def records(self) -> int:
+        """How many subjects the outbox holds a stored record for (what its memory grows with)."""
+        return len(self.stored)
+
     def seed(self, subject: str, record: StoredRecord) -> None:
         """What a previous run (or another replica) stored, read back from the stream."""
-        self.stored[subject] = record
+        if record.deleted:
+            # Popped, not skipped: a retried seed may find a marker where it read a live one.
+            self.stored.pop(subject, None)
+        else:
+            self.stored[subject] = record
 
     def _committed(self, subject: str) -> StoredRecord | Outgoing | None:
         return self.inflight.get(subject) or self.stored.get(subject)
@@ -56,6 +70,8 @@ class Outbox:
             and not committed.deleted
             and committed.digest == out.digest
             and not out.deleted
+            # After a lost ack the subject may hold the newer change: publish it again.
+            and out.subject not in self.uncertain
         ):
             return  # back to what is stored
         self.pending[out.subject] = out
@@ -65,7 +81,7 @@ class Outbox:
         """The subject should hold nothing live. `build` makes the marker, if one is needed."""
         committed = self._committed(subject)
         self.pending.pop(subject, None)
-        if committed is None or committed.deleted:
+        if (committed is None or committed.deleted) and subject not in self.uncertain:
             # Never stored (nor on its way): nothing to take back, and nothing to publish.
             return
         self.pending[subject] = build()
@@ -104,7 +120,10 @@ class Outbox:
         if self.inflight.get(out.subject) is out:
             del self.inflight[out.subject]
         self.uncertain.discard(out.subject)
-        self.stored[out.subject] = StoredRecord(out.kind, out.uid, out.digest, out.deleted)
+        if out.deleted:
+            self.stored.pop(out.subject, None)  # the subject holds nothing live now
+        else:
+            self.stored[out.subject] = StoredRecord(out.kind, out.uid, out.digest, False)
 
     def resubmit(self, old: Outgoing, new: Outgoing) -> None:
         """Replace a just-failed `old` (back in pending) by `new`, unless a newer change
