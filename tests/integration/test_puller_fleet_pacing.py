@@ -23,6 +23,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ from nats.js.api import DeliverPolicy
 from prometheus_client import REGISTRY
 
 from cedar.proto import subjects
-from cedar.proto.imageref import normalize
+from cedar.proto.imageref import canonical_registry, normalize
 from cedar.proto.models import ContainerImage, PodScheduling, PullerDecision, WorkloadImageSet
 from cedar.puller.app import assemble
 from cedar.puller.fleet_leases import Held, LeaseStore
@@ -47,6 +48,8 @@ from cedar.puller.pacing import (
     Request,
     decode_lease,
     decode_request,
+    encode_lease,
+    lease_key,
     parse_fleet_pulls,
 )
 from cedar.puller.settings import PullerSettings
@@ -395,9 +398,6 @@ async def test_the_budget_is_never_exceeded_across_pullers(
     assert most_at_once(stored) == 2  # the budget, reached and never exceeded (local: 3 x 2)
 
 
-# Seen once in a fresh clone: after the holder's lease lapsed, only the refresh took a lease
-# (the cold node's pull went ahead without one). Not understood yet; issue 15 stays open on it.
-@pytest.mark.xfail(strict=False, reason="cold node once pulled without a lease (issue 15)")
 async def test_a_killed_holder_frees_its_slot_and_a_cold_node_goes_first(
     nats_url: str,
     registry: Registry,
@@ -535,6 +535,74 @@ async def blocker(url: str, registry: str, budget: str) -> AsyncIterator[Blocker
     finally:
         await store.release(held)
         await store.close()
+        await bus.close()
+
+
+async def test_a_lease_that_lapses_while_it_is_claimed_is_taken_not_a_store_failure(
+    nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15, made deterministic. nats-py's `KeyValue.create` is two steps (upstream
+    nats-io/nats.py, nats/js/kv.py `create`): a write conditional on the key having no
+    message, and, when it has one, a `_get` to tell a delete marker (recreate over it)
+    from a live value; a `_get` that finds nothing raises KeyNotFoundError. A waiter claims
+    a dead holder's slot at the lease's `expires_at`, while the server drops the message
+    one TTL after it stored it, a little later: the write finds the lease, the look finds
+    it gone. That is a free slot, not an unavailable store (which pulls without a lease)."""
+    host = canonical_registry(f"race-{uuid.uuid4().hex[:8]}.example.com")
+    settings = PullerSettings(node_name="claimer", nats_url=nats_url)
+    bus = Bus(settings, "test-claimer", Health())
+    assert await bus.connect()
+    try:
+        await bus.ensure(streams=[fleet_leases_stream(settings)])
+        kv = await bus.js.key_value(subjects.KV_FLEET_LEASES)
+        key = lease_key(host, 0)
+        # A crashed holder's lease whose value says it lapses well before the server drops
+        # it (Nats-TTL 5s): the claimer's create is sure to find it there.
+        now = time.time()
+        dead = Lease(host, 0, "dead", "dead-token", PullPriority.REFRESH, now, now + 0.5)
+        await kv.create(key, encode_lease(dead), msg_ttl=5)
+
+        async def lapsed() -> bool:
+            try:
+                await bus.js.get_msg(
+                    kv_stream(subjects.KV_FLEET_LEASES),
+                    subject=kv_subject(subjects.KV_FLEET_LEASES, key),
+                )
+            except nats.js.errors.NotFoundError:
+                return True
+            return False
+
+        real_get = kv._get
+        looked: list[str] = []
+
+        async def get_once_it_lapsed(key: str, revision: int | None = None) -> Any:
+            """create's look at the key, held back until the server has dropped it."""
+            looked.append(key)
+            if len(looked) == 1:
+                await eventually(lapsed, 15, "the dead lease dropped by its TTL")
+            return await real_get(key, revision)
+
+        monkeypatch.setattr(kv, "_get", get_once_it_lapsed)
+        store = LeaseStore(
+            bus=bus, kv=kv, budget=parse_fleet_pulls(f"{host}=1"), holder="claimer", ttl=TTL
+        )
+        await store.start()
+        fallbacks = metric("cedar_puller_fleet_lease_grants_total", result="unavailable")
+        try:
+            held = await asyncio.wait_for(
+                store.acquire(host, store.new_token("img"), PullPriority.COLD), 30
+            )
+            assert looked == [key]  # the race happened: the write found the lease, then not
+            assert held.lease is not None, held.reason  # a lease, not the local bound
+            assert held.lease.slot == 0 and held.lease.holder == "claimer"
+            assert decode_lease((await kv.get(key)).value or b"").token == held.token
+            assert metric("cedar_puller_fleet_lease_grants_total", result="unavailable") == (
+                fallbacks
+            )
+            await store.release(held)
+        finally:
+            await store.close()
+    finally:
         await bus.close()
 
 

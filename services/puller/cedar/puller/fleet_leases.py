@@ -13,7 +13,9 @@ How (pacing.py's docstring has why a KV bucket with per-key TTL):
   leases and requests and computes the same order (`pacing.decide`).
 - When `decide` grants slot N, the puller **creates** `lease.<registry>.<N>`: creation
   fails if the key exists, so two pullers never hold one slot and at most `budget` leases
-  exist per registry, whatever the views say. It then removes its request.
+  exist per registry, whatever the views say. It then removes its request. A slot whose
+  lease lapses (TTL) during the creation is claimed again at once: the waiters of a dead
+  holder claim it at its `expires_at`, just before the server drops it.
 - A held lease is **renewed** every third of the TTL by a write conditional on the revision
   it read (`Nats-Expected-Last-Subject-Sequence`): a lease that lapsed and was taken by
   another puller is never overwritten (the pull goes on; `cedar_puller_fleet_leases_lost`).
@@ -44,7 +46,7 @@ from dataclasses import dataclass, replace
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import DeliverPolicy
-from nats.js.errors import APIError, KeyWrongLastSequenceError
+from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from cedar.proto import subjects
@@ -79,6 +81,8 @@ log = logging.getLogger("cedar.puller.fleet")
 _WRONG_LAST_SEQUENCE = (10071, 10164)
 # After a failed write the store is not asked again for this long: pulls go on at once.
 _STORE_DOWN_FOR = 10.0
+# Creates of a slot that lapsed between create's write and its look, before giving it up.
+_CLAIM_TRIES = 3
 # The longest a waiter sleeps without news: it looks again at least this often.
 _MAX_NAP = 2.0
 # How long a start waits for the view to be read before deciding on what it has.
@@ -265,6 +269,13 @@ class LeaseStore:
                 extra={"doing": what, "error": str(err)},
             )
 
+    def _store_back(self) -> None:
+        """A lease was granted: if the store had failed, say so once it works again, so
+        that the next failure is logged too."""
+        if self._warned_down:
+            self._warned_down = False
+            log.info("fleet lease store available again: pulls are paced fleet-wide")
+
     def _fallback(self, request: Request) -> Held:
         grant = without_store(request)
         metrics.FLEET_GRANTS.labels(result="unavailable").inc()
@@ -314,6 +325,7 @@ class LeaseStore:
                             time.monotonic() - started
                         )
                         metrics.FLEET_GRANTS.labels(result="lease").inc()
+                        self._store_back()
                         return held
                     nap = 0.2  # lost the slot to another puller: look again shortly
                 else:
@@ -355,16 +367,32 @@ class LeaseStore:
             now + self.ttl,
         )
         key = lease_key(request.registry, slot)
-        with bus_errors(f"claim {key}"):
-            try:
-                revision = await self.kv.create(key, encode_lease(lease), msg_ttl=self.ttl)
-            except KeyWrongLastSequenceError:
-                return None  # taken: the slot is another puller's
+        revision = await self._create(key, encode_lease(lease))
+        if revision is None:
+            return None
         held = Held(request.registry, request.token, lease, revision, f"slot {slot} of {limit}")
         self._held[request.token] = held
         self._view[key] = (lease, revision)
         metrics.FLEET_LEASES_HELD.labels(registry=request.registry).inc()
         return held
+
+    async def _create(self, key: str, data: bytes) -> int | None:
+        """Create `key` (with the TTL); its revision, or None when another puller has it.
+
+        nats-py's create writes on condition that the key has no message and, if it has
+        one, looks at it to tell a delete marker (written over) from a live value. A lease
+        that lapses by its TTL between the two, as a dead holder's does just when its
+        waiters claim it, makes the look raise KeyNotFoundError: the slot is free now, so
+        the create is tried again at once (not taken for an unavailable store)."""
+        with bus_errors(f"claim {key}"):
+            for _ in range(_CLAIM_TRIES):
+                try:
+                    return await self.kv.create(key, data, msg_ttl=self.ttl)
+                except KeyWrongLastSequenceError:
+                    return None  # taken: the slot is another puller's
+                except KeyNotFoundError:
+                    log.debug("a lease lapsed while it was claimed; again", extra={"key": key})
+        return None  # lapsed and retaken each time: look again like any lost slot
 
     async def release(self, held: Held) -> None:
         """Give the lease back (a purge conditional on its revision; a lease that was lost
