@@ -45,9 +45,10 @@ from tests.integration.test_watcher_service import RunningWatcher, watcher
 
 CLIENT = "allocator"
 NEW_PER_FAULT = 4
-# Requests the fault answered in any one second, for the whole allocator (per caller: a
-# handler's read or patch of one namespace, the namespace cache's or the watchdog's list or
-# watch: MAX_PER_CALLER_PER_SECOND).
+# Attempts the fault answered in any one second, for the whole allocator (aiohttp's
+# re-sends of a reset left out: test_kube_faults_support.attempts; per caller: a handler's
+# read or patch of one namespace, the namespace cache's or the watchdog's list or watch:
+# MAX_PER_CALLER_PER_SECOND).
 MAX_REFUSED_PER_SECOND = 8
 
 

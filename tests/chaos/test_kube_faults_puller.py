@@ -4,8 +4,13 @@ each Kubernetes API fault.
 The node source is the puller's only Kubernetes caller; it runs here as the puller's app
 runs it (`initial`, then `follow` until stopped), with its own client and token. While a
 fault lasts, the Node's labels and taints change; afterwards the node source must hold
-exactly what the API holds (what decides which workloads the puller may pull), having sent
-no more than a few requests a second, and for a throttle never sooner than Retry-After.
+exactly what the API holds (what decides which workloads the puller may pull), having made
+no more than a few attempts a second, and for a throttle never sooner than Retry-After.
+
+Attempts, not arrivals: aiohttp sends a reset GET a second time by itself at once
+(test_kube_faults_support.attempts, citing aiohttp/client.py), which is no retry of
+Cedar's and no sign of a hot loop. The node source makes one request at a time (its get or
+its watch), so the whole of it is held to one caller's limit.
 """
 
 from __future__ import annotations
@@ -20,12 +25,14 @@ from cedar.proto.scheduling import NodeInfo, node_from_object
 from cedar.puller.node import NodeSource
 from cedar.puller.settings import PullerSettings
 from cedar.sandbox.kubeapi import KubeAPI
+from cedar.sandbox.kubeapi_controls import Request
 from tests.chaos.test_kube_faults_support import (
     BOOKMARK_INTERVAL,
     ENV,
     FAULT_SECONDS,
     MAX_PER_CALLER_PER_SECOND,
     RETRY_AFTER,
+    attempts,
     fault_window,
     gaps_after_throttling,
     kinds_for,
@@ -109,6 +116,20 @@ async def test_node_source_rides_out(
         assert gaps and min(gaps) >= RETRY_AFTER, gaps
     if kind not in ("crash", "restart"):
         assert window.refused, "the fault met no request: the test did not test it"
+
+
+def test_attempts_leave_out_only_aiohttps_resend() -> None:
+    def arrival(at: float, verb: str = "get", name: str = NODE, outcome: str = "reset") -> Request:
+        return Request(at, CLIENT, verb, "nodes", outcome, None, name)
+
+    resent = [arrival(0.0), arrival(0.001)]
+    assert attempts(resent) == [resent[0]]
+    # aiohttp re-sends once: a third copy is an attempt of the caller's.
+    assert len(attempts([*resent, arrival(0.002)])) == 2
+    assert len(attempts([arrival(0.0), arrival(0.3)])) == 2  # the push-back's retry
+    assert len(attempts([arrival(0.0, "patch"), arrival(0.001, "patch")])) == 2  # not re-sent
+    assert len(attempts([arrival(0.0), arrival(0.001, name="node-b")])) == 2
+    assert len(attempts([arrival(0.0, outcome="fail"), arrival(0.001)])) == 2  # answered
 
 
 async def _const(value: bool) -> bool:

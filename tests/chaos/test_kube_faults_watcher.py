@@ -45,8 +45,9 @@ from tests.integration.test_watcher_service import (
 )
 
 CLIENT = "watcher"
-# Requests the fault answered in any one second, for the whole watcher: its two informers,
-# each a caller (its list or watch) held to MAX_PER_CALLER_PER_SECOND.
+# Attempts the fault answered in any one second, for the whole watcher (aiohttp's re-sends
+# of a reset left out: test_kube_faults_support.attempts): its two informers, each a caller
+# (its list or watch) held to MAX_PER_CALLER_PER_SECOND.
 INFORMERS = 2
 MAX_REFUSED_PER_SECOND = INFORMERS * MAX_PER_CALLER_PER_SECOND
 
