@@ -23,8 +23,8 @@
 
 Everything is local and real but the Kubernetes API: the Deployment objects are built here
 (the shape the API returns) and handed to the watcher's state as its informer would. The
-server runs with `jetstream { limits { default_max_consumers: -1 } }`: NATS 2.15 otherwise
-refuses the 1,001st consumer of CEDAR_WORKLOADS (see SERVER_CONFIG).
+server runs with its defaults: CEDAR_WORKLOADS sets its own consumer limit, above NATS
+2.15's default of 1,000 per stream (tests/integration/test_fleet_consumers.py).
 """
 
 from __future__ import annotations
@@ -418,24 +418,11 @@ async def load(args: argparse.Namespace, watcher: Watcher) -> dict[str, Any]:
     }
 
 
-# NATS 2.15 gives a stream that sets no limit a default of 1,000 consumers
-# (jetstream.limits.default_max_consumers), and CEDAR_WORKLOADS sets none: every puller's
-# ordered consumer counts, so a thousand pullers (and the watcher's own reads) need more.
-# -1 restores the pre-2.15 default (unlimited); deploy/nats/nats.conf needs the same on 2.15.
-SERVER_CONFIG = "jetstream {\n  limits {\n    default_max_consumers: -1\n  }\n}\n"
-
-
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     from cedar.sandbox.nats import NatsServer
 
-    class Server(NatsServer):
-        def command(self) -> list[str]:
-            config = self.store_dir.parent / "nats.conf"
-            config.write_text(SERVER_CONFIG)
-            return [*super().command(), "-c", str(config)]
-
     with tempfile.TemporaryDirectory(prefix="cedar-fanout-") as tmp:
-        server = Server(Path(tmp) / "nats")
+        server = NatsServer(Path(tmp) / "nats")
         server.start()
         try:
             args.url = server.url

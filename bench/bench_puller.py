@@ -44,7 +44,7 @@ from cedar.puller.cri_engine import CriImageEngine
 from cedar.puller.settings import PullerSettings
 from cedar.runtime.bus import Bus
 from cedar.runtime.health import Health
-from cedar.runtime.topology import workloads_stream
+from cedar.runtime.topology import service_streams
 from cedar.sandbox.containerd import PAUSE_IMAGE, Containerd
 from cedar.sandbox.dockerd import DockerEngine
 from cedar.sandbox.images import make_images
@@ -173,7 +173,7 @@ async def publish(nats_url: str, workloads: list[WorkloadImageSet]) -> None:
     settings = PullerSettings(node_name="bench", nats_url=nats_url)
     bus = Bus(settings, "bench-publisher", Health())
     await bus.connect()
-    await bus.ensure(streams=[workloads_stream(settings)])
+    await bus.ensure(streams=service_streams(settings))
     # Publish in windows of acks: 5,000 one-at-a-time round trips would dominate setup.
     for start in range(0, len(workloads), 500):
         batch = workloads[start : start + 500]

@@ -274,9 +274,7 @@ async def _cedar_sync(args: argparse.Namespace, start: float) -> None:
     health = Health()
     bus = Bus(settings, "bench-cedar", health)
     await bus.connect()
-    await bus.ensure(
-        streams=[topology.workloads_stream(settings), topology.namespaces_stream(settings)]
-    )
+    await bus.ensure(streams=topology.service_streams(settings))
     outbox = Outbox()
     publisher = Publisher(bus, outbox, max_inflight=settings.publish_max_inflight)
     await publisher.seed(settings.kinds, None)
@@ -501,7 +499,7 @@ async def reset_streams(url: str) -> None:
         with contextlib.suppress(Exception):
             await js.delete_stream(stream)
     settings = CommonSettings(nats_url=url)
-    for config in (topology.workloads_stream(settings), topology.namespaces_stream(settings)):
+    for config in topology.service_streams(settings):
         await busmod.ensure_stream(js, config)
     await nc.close()
 

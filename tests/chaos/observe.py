@@ -247,32 +247,44 @@ async def read_bucket(js: JetStreamContext, bucket: str) -> dict[str, bytes]:
 
 
 @dataclass(frozen=True)
-class SourceGaps:
-    """Which stored messages of an origin stream the history holds, and which it lacks."""
+class HistoryCheck:
+    """Whether CEDAR_HISTORY kept every message it stored, and whether the last-value
+    streams hold, for each subject, the history's last message of it (their source)."""
 
-    origin: str
     last_seq: int
-    missing: list[int]
-    duplicated: list[int]
+    missing: list[int]  # sequences of the history no longer in it
+    stale: list[str]  # subjects whose last value is not the history's last message
 
     @property
     def lost(self) -> int:
         return len(self.missing)
 
 
-def source_gaps(history: list[Msg], origin: str, last_seq: int) -> SourceGaps:
-    """Compare the origin sequences the history's sourced copies carry with 1..last_seq.
+def source_seq(msg: Msg) -> int | None:
+    """The history sequence a sourced copy came from (`Nats-Stream-Source`:
+    `<origin> <seq> ...`), or None when it was not copied from CEDAR_HISTORY."""
+    parts = (msg.headers or {}).get("Nats-Stream-Source", "").split()
+    if len(parts) >= 2 and parts[0] == subjects.STREAM_HISTORY:
+        return int(parts[1])
+    return None
 
-    Each sourced copy's `Nats-Stream-Source` header is `<origin> <seq> ...`; every sequence
-    of the origin stream was one stored message, so each must be there exactly once.
-    """
-    counts: dict[int, int] = {}
+
+def check_history(history: list[Msg], last_seq: int, last_values: dict[str, Msg]) -> HistoryCheck:
+    """Compare the history's sequences with 1..last_seq (nothing expires during a run),
+    and `last_values` (CEDAR_WORKLOADS and CEDAR_NAMESPACES, last per subject) with the
+    history's last message of each workload and namespace subject."""
+    held = {msg.metadata.sequence.stream for msg in history}
+    missing = [seq for seq in range(1, last_seq + 1) if seq not in held]
+    newest: dict[str, int] = {}
     for msg in history:
-        header = (msg.headers or {}).get("Nats-Stream-Source", "")
-        parts = header.split()
-        if len(parts) >= 2 and parts[0] == origin:
-            seq = int(parts[1])
-            counts[seq] = counts.get(seq, 0) + 1
-    missing = [s for s in range(1, last_seq + 1) if s not in counts]
-    duplicated = sorted(s for s, n in counts.items() if n > 1)
-    return SourceGaps(origin, last_seq, missing, duplicated)
+        if msg.subject.startswith(
+            (subjects.WORKLOADS_PREFIX + ".", subjects.NAMESPACES_PREFIX + ".")
+        ):
+            newest[msg.subject] = msg.metadata.sequence.stream
+    stale = []
+    for subject in sorted(newest.keys() | last_values.keys()):
+        copied = last_values.get(subject)
+        came_from = source_seq(copied) if copied is not None else None
+        if came_from != newest.get(subject):
+            stale.append(f"{subject}: history {newest.get(subject)}, last value {came_from}")
+    return HistoryCheck(last_seq, missing, stale)

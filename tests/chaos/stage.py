@@ -57,7 +57,7 @@ class Outcome:
     desired_expected: dict[str, set[str]]
     desired_reported: dict[str, set[str]]
     workload_mismatches: list[str]
-    history_gaps: list[observe.SourceGaps]
+    history_check: observe.HistoryCheck
     unstored_publishes: list[str]
     history_duplicates: list[str]
     dead_services: list[str]
@@ -221,14 +221,14 @@ class Stage:
                 js, subjects.STREAM_NAMESPACES, f"{subjects.NAMESPACES_PREFIX}.>"
             )
             history = await observe.read_all(js, subjects.STREAM_HISTORY)
-            last = {}
+            history_last = (await js.stream_info(subjects.STREAM_HISTORY)).state.last_seq
+            sources = {}
             for stream in (subjects.STREAM_WORKLOADS, subjects.STREAM_NAMESPACES):
-                last[stream] = (await js.stream_info(stream)).state.last_seq
-            info = await js.stream_info(subjects.STREAM_HISTORY)
-            sources = [
-                {"name": s.name, "lag": s.lag, "active": s.active, "error": s.error}
-                for s in info.sources or []
-            ]
+                info = await js.stream_info(stream)
+                sources[stream] = [
+                    {"name": s.name, "lag": s.lag, "active": s.active, "error": s.error}
+                    for s in info.sources or []
+                ]
         finally:
             await nc.close()
         return {
@@ -237,7 +237,7 @@ class Stage:
             "workloads": workloads,
             "namespaces": namespaces,
             "history": history,
-            "last_seq": last,
+            "history_last_seq": history_last,
             "sources": sources,
         }
 
@@ -281,14 +281,20 @@ class Stage:
                 break
             await asyncio.sleep(1.0)
         settle = loop.time() - started
-        # Sourcing into the history lags the origin streams: wait until it has the last
-        # message of each (which no newer message can have replaced), within limits.
+        # The last-value streams copy the history and may lag behind it: wait until each
+        # holds the history's last message of every subject, within limits. The state
+        # read then must still be a settled one: a read that is not (seen once in a full
+        # cluster run: half the ledger's keys missing from one read, the next read whole,
+        # the allocators having released nothing) is read again, and counted.
         caught_up = None
+        unsettled_reads = 0
         history_deadline = loop.time() + 60
         while True:
             state = await self._read()
-            behind = _history_behind(state)
-            if not behind:
+            check = _history_check(state)
+            still = await asyncio.to_thread(self._settled, state) if not problems else []
+            unsettled_reads += bool(still)
+            if not check.stale and not still:
                 caught_up = loop.time() - started - settle
                 break
             if loop.time() > history_deadline:
@@ -300,10 +306,6 @@ class Stage:
             ns["metadata"]["name"]: ns["metadata"]["uid"] for ns in self.kube.list("namespaces")
         }
         history = state["history"]
-        gaps = [
-            observe.source_gaps(history, stream, state["last_seq"][stream])
-            for stream in (subjects.STREAM_WORKLOADS, subjects.STREAM_NAMESPACES)
-        ]
         unstored, dupes = _published_vs_history(
             self.tap, history, set(state["workloads"]) | set(state["namespaces"])
         )
@@ -320,7 +322,7 @@ class Stage:
             desired_reported=_reported(state["status"]),
             workload_mismatches=_workload_mismatches(self.kube, state["workloads"])
             + _namespace_mismatches(self.kube, state["namespaces"]),
-            history_gaps=gaps,
+            history_check=check,
             unstored_publishes=unstored,
             history_duplicates=dupes,
             dead_services=self.fleet.dead(),
@@ -334,11 +336,11 @@ class Stage:
                     churn.expected_desired(self.kube, NODES), _reported(state["status"])
                 ),
                 "tapped_by_subject": _histogram(self.tap),
-                "history_caught_up_after": caught_up,
-                "history_behind": behind,
-                "history_sources": state["sources"],
-                "history_lacks_current": _history_lacks_current(state),
-                "history_lost": {g.origin: g.lost for g in gaps},
+                "last_values_caught_up_after": caught_up,
+                "end_reads_unsettled": unsettled_reads,
+                "last_values_stale": check.stale[:50],
+                "last_value_sources": state["sources"],
+                "history_lost": check.lost,
                 "history_messages": len(history),
                 "tapped_messages": len(self.tap.seen),
                 "churn": dict(self.load.ops),
@@ -393,29 +395,9 @@ class Stage:
         ]
 
 
-def _history_behind(state: dict[str, Any]) -> dict[str, int]:
-    """Origin streams whose last stored message the history does not hold yet."""
-    behind = {}
-    for stream, last in state["last_seq"].items():
-        gaps = observe.source_gaps(state["history"], stream, last)
-        if last and last in gaps.missing:
-            behind[stream] = last
-    return behind
-
-
-def _history_lacks_current(state: dict[str, Any]) -> list[str]:
-    """Messages CEDAR_WORKLOADS still holds (the last of their subject) that the history
-    lacks: the source skipped them, since no newer message can have replaced them."""
-    sourced = {
-        int(parts[1])
-        for msg in state["history"]
-        if len(parts := (msg.headers or {}).get("Nats-Stream-Source", "").split()) >= 2
-        and parts[0] == subjects.STREAM_WORKLOADS
-    }
-    return sorted(
-        f"{subject}@{msg.metadata.sequence.stream}"
-        for subject, msg in state["workloads"].items()
-        if msg.metadata.sequence.stream not in sourced
+def _history_check(state: dict[str, Any]) -> observe.HistoryCheck:
+    return observe.check_history(
+        state["history"], state["history_last_seq"], {**state["workloads"], **state["namespaces"]}
     )
 
 

@@ -1,11 +1,14 @@
-"""CEDAR_HISTORY keeps every change only if it copies each one before CEDAR_WORKLOADS
-replaces it: the history *sources* the workloads stream, which keeps one message per
-subject. Whenever the sourcing lags — its leader is being elected, its server is cut off
-or restarting (tests/chaos/test_nats_cluster.py saw 3 to 70 of ~130 changes lost per run)
-— the changes made meanwhile to the same workload are gone before they are copied.
+"""CEDAR_HISTORY keeps every change: it takes the watcher's subjects itself, and the
+last-value streams (CEDAR_WORKLOADS, CEDAR_NAMESPACES) are sourced from it.
 
-Here the lag is made deterministic on one real server: two changes of one workload are
-stored before the history's source starts reading. The history must still hold both.
+Before, the history *sourced* the last-value streams, which keep one message per subject,
+so a change replaced before the source copied it was never in the history (finding 3 of
+docs/reliability.md: 3 to 70 of ~130 changes per run of tests/chaos/test_nats_cluster.py).
+Here the lag is made deterministic on one real server, and a cluster in the older layout
+is moved to the new one. The server behaviours these rely on were seen on nats-server
+2.15 here: a source with no consumer yet reports `lag` 0 and `active` -1; a source whose
+start sequence is removed before it copied anything starts again from the origin's first
+message; a stream drops a sourced message whose Nats-Msg-Id it saw within its window.
 """
 
 from __future__ import annotations
@@ -13,39 +16,197 @@ from __future__ import annotations
 import asyncio
 
 import nats
-import pytest
+from nats.js import JetStreamContext
+from nats.js.api import DiscardPolicy, StorageType, StreamConfig, StreamSource
 
+from cedar.proto import subjects
 from cedar.runtime import topology
-from cedar.runtime.bus import ensure_stream
+from cedar.runtime.bus import ensure_stream, ensure_streams
 from cedar.runtime.settings import CommonSettings
+from cedar.runtime.sourcing import sources_caught_up
 from cedar.sandbox.nats import NatsServer
-from tests.chaos.observe import read_all, source_gaps
+from tests.chaos.observe import read_all
+
+SUBJECT = "cedar.workloads.Deployment.t.web"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="CEDAR_HISTORY sources a last-per-subject stream; the topology change that fixes "
-    "it is described in docs/reliability.md (a design decision for the lead)",
-)
-async def test_changes_stored_while_the_history_lags_are_kept(fresh_nats: NatsServer) -> None:
+async def _publish(js: JetStreamContext, subject: str, version: int) -> None:
+    await js.publish(
+        subject, f'{{"v": {version}}}'.encode(), headers={"Nats-Msg-Id": f"v{version}"}
+    )
+
+
+async def _ids(js: JetStreamContext, stream: str) -> list[str]:
+    return [(m.headers or {}).get("Nats-Msg-Id", "") for m in await read_all(js, stream)]
+
+
+async def test_changes_made_while_the_last_value_stream_lags_are_all_in_the_history(
+    fresh_nats: NatsServer,
+) -> None:
     settings = CommonSettings()
     nc = await nats.connect(fresh_nats.url)
     try:
         js = nc.jetstream()
+        await ensure_stream(js, topology.history_stream(settings))
+        for version in (1, 2):  # both stored before CEDAR_WORKLOADS exists (maximal lag)
+            await _publish(js, SUBJECT, version)
         await ensure_stream(js, topology.workloads_stream(settings))
-        await ensure_stream(js, topology.namespaces_stream(settings))
-        subject = "cedar.workloads.Deployment.t.web"
-        for version in (1, 2):  # the second replaces the first in CEDAR_WORKLOADS
-            await js.publish(
-                subject, f'{{"v": {version}}}'.encode(), headers={"Nats-Msg-Id": f"v{version}"}
-            )
-        await ensure_stream(js, topology.history_stream(settings))  # its source starts now
-        for _ in range(100):
-            history = await read_all(js, "CEDAR_HISTORY")
-            if any((m.headers or {}).get("Nats-Msg-Id") == "v2" for m in history):
-                break
-            await asyncio.sleep(0.05)
-        gaps = source_gaps(history, "CEDAR_WORKLOADS", 2)
-        assert gaps.missing == [], f"stored in CEDAR_WORKLOADS, never in CEDAR_HISTORY: {gaps}"
+        assert await sources_caught_up(js, subjects.STREAM_WORKLOADS, within=10)
+        assert await _ids(js, subjects.STREAM_HISTORY) == ["v1", "v2"]
+        last = await js.get_last_msg(subjects.STREAM_WORKLOADS, SUBJECT)
+        assert last.headers and last.headers["Nats-Msg-Id"] == "v2"
+    finally:
+        await nc.close()
+
+
+async def test_sources_caught_up_waits_for_the_copy_and_says_when_it_did_not(
+    fresh_nats: NatsServer,
+) -> None:
+    settings = CommonSettings()
+    nc = await nats.connect(fresh_nats.url)
+    try:
+        js = nc.jetstream()
+        # Sourcing a history that does not exist yet: never caught up.
+        await ensure_stream(js, topology.workloads_stream(settings))
+        assert not await sources_caught_up(js, subjects.STREAM_WORKLOADS, within=0.5)
+        await ensure_stream(js, topology.history_stream(settings))
+        await asyncio.gather(*[_publish(js, f"{SUBJECT}-{i}", i) for i in range(2000)])
+        assert await sources_caught_up(js, subjects.STREAM_WORKLOADS, within=20)
+        info = await js.stream_info(subjects.STREAM_WORKLOADS)
+        assert info.state.messages == 2000  # everything copied when it says so
+        assert await sources_caught_up(js, subjects.STREAM_HISTORY, within=0)  # no sources
+    finally:
+        await nc.close()
+
+
+async def test_a_burst_of_copies_drops_a_repeated_id_so_the_watcher_never_repeats_one(
+    fresh_nats: NatsServer,
+) -> None:
+    """A -> B -> A stored more than the history's duplicate window apart, then copied in
+    one burst (CEDAR_WORKLOADS catching up): under one Nats-Msg-Id the second A is dropped
+    and B stays the last value; under the ids the watcher gives (another per change,
+    tests/unit/test_watcher_msg_ids.py) A is."""
+    settings = CommonSettings()
+    nc = await nats.connect(fresh_nats.url)
+    try:
+        js = nc.jetstream()
+        history = topology.history_stream(settings)
+        history.duplicate_window = 0.2  # so that the test need not wait two minutes
+        await ensure_stream(js, history)
+        cases = ((f"{SUBJECT}-same", "a"), (f"{SUBJECT}-new", "a2"))
+        for subject, _ in cases:
+            await js.publish(subject, b"A", headers={"Nats-Msg-Id": "a"})
+            await js.publish(subject, b"B", headers={"Nats-Msg-Id": "b"})
+        await asyncio.sleep(0.3)
+        for subject, second_id in cases:
+            ack = await js.publish(subject, b"A", headers={"Nats-Msg-Id": second_id})
+            assert not ack.duplicate
+        await ensure_stream(js, topology.workloads_stream(settings))  # copies all at once
+        assert await sources_caught_up(js, subjects.STREAM_WORKLOADS, within=10)
+        same = await js.get_last_msg(subjects.STREAM_WORKLOADS, f"{SUBJECT}-same")
+        new = await js.get_last_msg(subjects.STREAM_WORKLOADS, f"{SUBJECT}-new")
+        assert (same.data, new.data) == (b"B", b"A")
+    finally:
+        await nc.close()
+
+
+def _older_layout(settings: CommonSettings) -> list[StreamConfig]:
+    """The streams as Cedar created them before the history took the subjects."""
+    last_value = {
+        "max_msgs_per_subject": 1,
+        "allow_msg_ttl": True,
+        "allow_direct": True,
+        "discard": DiscardPolicy.OLD,
+        "duplicate_window": 120.0,
+        "storage": StorageType.FILE,
+    }
+    return [
+        StreamConfig(
+            name=subjects.STREAM_WORKLOADS,
+            subjects=[f"{subjects.WORKLOADS_PREFIX}.>"],
+            allow_rollup_hdrs=True,
+            **last_value,  # type: ignore[arg-type]
+        ),
+        StreamConfig(
+            name=subjects.STREAM_NAMESPACES,
+            subjects=[f"{subjects.NAMESPACES_PREFIX}.>"],
+            **last_value,  # type: ignore[arg-type]
+        ),
+        StreamConfig(
+            name=subjects.STREAM_HISTORY,
+            subjects=[f"{subjects.AUDIT_PREFIX}.>", f"{subjects.DECISIONS_PREFIX}.>"],
+            sources=[
+                StreamSource(name=subjects.STREAM_WORKLOADS),
+                StreamSource(name=subjects.STREAM_NAMESPACES),
+            ],
+            max_age=settings.history_retention.total_seconds(),
+            storage=StorageType.FILE,
+        ),
+    ]
+
+
+async def test_a_cluster_in_the_older_layout_is_moved_and_nothing_is_copied_back(
+    fresh_nats: NatsServer,
+) -> None:
+    settings = CommonSettings()
+    nc = await nats.connect(fresh_nats.url)
+    try:
+        js = nc.jetstream()
+        for config in _older_layout(settings):
+            await js.add_stream(config)
+        for version in range(1, 6):
+            await _publish(js, SUBJECT, version)
+        await _publish(js, "cedar.namespaces.t", 10)
+        await js.publish("cedar.audit.mcs.claim", b"{}")
+        assert await sources_caught_up(js, subjects.STREAM_HISTORY, within=10)
+        before = {
+            name: (await js.stream_info(name)).state.last_seq
+            for name in (subjects.STREAM_WORKLOADS, subjects.STREAM_NAMESPACES)
+        }
+        history_before = await _ids(js, subjects.STREAM_HISTORY)
+
+        streams = topology.service_streams(settings)
+        await ensure_streams(js, streams)
+        await ensure_streams(js, streams)  # the next start: the start positions are kept
+
+        history = (await js.stream_info(subjects.STREAM_HISTORY)).config
+        assert set(history.subjects or []) >= {"cedar.workloads.>", "cedar.namespaces.>"}
+        assert not history.sources
+        for name in (subjects.STREAM_WORKLOADS, subjects.STREAM_NAMESPACES):
+            info = await js.stream_info(name)
+            assert not info.config.subjects
+            assert [s.name for s in info.config.sources or []] == [subjects.STREAM_HISTORY]
+            assert info.state.last_seq == before[name], f"{name} copied the history back"
+        last = await js.get_last_msg(subjects.STREAM_WORKLOADS, SUBJECT)
+        assert last.headers and last.headers["Nats-Msg-Id"] == "v5"
+
+        # New changes go into the history and reach the last-value stream.
+        ack = await js.publish(SUBJECT, b'{"v": 6}', headers={"Nats-Msg-Id": "v6"})
+        assert ack.stream == subjects.STREAM_HISTORY
+        assert await sources_caught_up(js, subjects.STREAM_WORKLOADS, within=10)
+        last = await js.get_last_msg(subjects.STREAM_WORKLOADS, SUBJECT)
+        assert last.headers and last.headers["Nats-Msg-Id"] == "v6"
+        assert (await js.stream_info(subjects.STREAM_WORKLOADS)).state.last_seq == (
+            before[subjects.STREAM_WORKLOADS] + 1
+        )
+        assert await _ids(js, subjects.STREAM_HISTORY) == [*history_before, "v6"]
+    finally:
+        await nc.close()
+
+
+async def test_a_service_that_may_not_update_leaves_the_older_layout_alone(
+    fresh_nats: NatsServer,
+) -> None:
+    settings = CommonSettings()
+    nc = await nats.connect(fresh_nats.url)
+    try:
+        js = nc.jetstream()
+        for config in _older_layout(settings):
+            await js.add_stream(config)
+        await ensure_streams(js, topology.service_streams(settings), update=False)
+        info = await js.stream_info(subjects.STREAM_WORKLOADS)
+        assert info.config.subjects == ["cedar.workloads.>"]
+        ack = await js.publish(SUBJECT, b"{}")
+        assert ack.stream == subjects.STREAM_WORKLOADS
     finally:
         await nc.close()

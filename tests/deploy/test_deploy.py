@@ -39,6 +39,7 @@ from cedar.mcs_allocator.snapshot import Header
 from cedar.mcs_allocator.snapshot_store import SnapshotStore
 from cedar.runtime import bus, topology
 from cedar.runtime.settings import CommonSettings
+from cedar.runtime.sourcing import sources_caught_up
 from cedar.sandbox.nats import NatsServer
 from cedar.sandbox.procs import free_port
 from tests.harness.nats_server import start_or_fail
@@ -618,11 +619,14 @@ async def test_nats_permissions_follow_each_service(
     for config in (*topology.service_streams(settings),):
         await bus.ensure_stream(watcher.js, config)
     ack = await watcher.js.publish("cedar.workloads.Deployment.t1.web", b'{"images": []}')
-    assert ack.stream == "CEDAR_WORKLOADS"
+    assert ack.stream == "CEDAR_HISTORY"  # which the last-value streams source
     await watcher.js.publish("cedar.namespaces.t1", b'{"uid": "u1"}')
-    last = await watcher.js.get_last_msg("CEDAR_WORKLOADS", "cedar.workloads.Deployment.t1.web")
+    # Reading back a publish whose ack was lost: from the history.
+    last = await watcher.js.get_last_msg("CEDAR_HISTORY", "cedar.workloads.Deployment.t1.web")
     assert last.data == b'{"images": []}'
-    # Its start-up seed: an ephemeral pull consumer, last message per subject.
+    # Its start-up seed, once CEDAR_WORKLOADS has caught up (stream info): an ephemeral
+    # pull consumer, last message per subject.
+    assert await sources_caught_up(watcher.js, "CEDAR_WORKLOADS", within=10)
     seed = await watcher.js.pull_subscribe(
         "cedar.workloads.>",
         stream="CEDAR_WORKLOADS",
@@ -682,6 +686,7 @@ async def test_nats_permissions_follow_each_service(
     assert await puller.denied("$JS.API.CONSUMER.CREATE.CEDAR_NAMESPACES")
 
     # Allocator: the shared durable on namespace events, the ledger, the audit trail.
+    await bus.ensure_stream(allocator.js, topology.history_stream(settings))
     await bus.ensure_stream(allocator.js, topology.namespaces_stream(settings))
     ledger = await bus.ensure_kv(allocator.js, topology.mcs_ledger_bucket(settings))
     await ledger.create("s0_c1_c2", b"u1")
@@ -725,13 +730,13 @@ async def test_nats_permissions_follow_each_service(
 
     # Operators: read everything, write only the replay sandbox and prepull entries.
     info = await ops.js.stream_info("CEDAR_HISTORY")
-    assert info.state.messages >= 2  # decisions and audit; sourced copies may lag
+    assert info.state.messages >= 4  # the watcher's two changes, a decision, an audit record
     ledger_ro = await ops.js.key_value("cedar-mcs-ledger")
     assert (await ledger_ro.get("s0_c1_c2")).value == b"u1"
     await ops.js.add_stream(StreamConfig(name="CEDAR_REPLAY", subjects=["cedar.replay.>"]))
     assert (await ops.js.publish("cedar.replay.t", b"{}")).stream == "CEDAR_REPLAY"
     prepull = await ops.js.publish("cedar.workloads.Prepull.t1.release-7", b"{}")
-    assert prepull.stream == "CEDAR_WORKLOADS"
+    assert prepull.stream == "CEDAR_HISTORY"
     assert await ops.denied("$KV.cedar-mcs-ledger.s0_c1_c3")
     assert await ops.denied("cedar.workloads.Deployment.t1.web")
     assert await ops.denied("$JS.API.STREAM.DELETE.CEDAR_HISTORY")

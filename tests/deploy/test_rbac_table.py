@@ -31,7 +31,7 @@ from cedar.puller.settings import PullerSettings
 from cedar.runtime.bus import Bus, ensure_stream
 from cedar.runtime.health import Health
 from cedar.runtime.service import Runtime
-from cedar.runtime.topology import namespaces_stream
+from cedar.runtime.topology import service_streams
 from cedar.sandbox.kubeapi import KubeAPI
 from cedar.sandbox.nats import NatsServer
 from cedar.sandbox.procs import free_port
@@ -285,7 +285,8 @@ async def test_the_allocator_needs_nothing_but_its_rows(
     ns = kube_api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "t"}})
     nc = await nats.connect(fresh_nats.url)
     js = nc.jetstream()
-    await ensure_stream(js, namespaces_stream(WatcherSettings()))
+    for config in service_streams(WatcherSettings()):
+        await ensure_stream(js, config)
 
     async def publish(obj: dict[str, Any]) -> None:
         meta = obj["metadata"]

@@ -15,6 +15,7 @@ import pytest
 
 from cedar.proto import subjects
 from cedar.proto.models import WorkloadImageSet
+from cedar.runtime.sourcing import sources_caught_up
 from cedar.sandbox.dockerd import DockerEngine
 from cedar.sandbox.nats import NatsServer
 from cedar.sandbox.procs import kill_pid
@@ -194,6 +195,8 @@ async def test_prepull_before_any_service_creates_the_streams(
     nc = await nats.connect(fresh_nats.url)
     try:
         js = nc.jetstream()
+        # Published into the history; CEDAR_WORKLOADS copies it a moment later.
+        assert await sources_caught_up(js, subjects.STREAM_WORKLOADS, within=10)
         msg = await js.get_last_msg(
             subjects.STREAM_WORKLOADS,
             subjects.workload_subject("Prepull", "team-a", "deployment-web"),

@@ -31,13 +31,7 @@ from cedar.runtime.bus import (
     ensure_stream,
 )
 from cedar.runtime.settings import CommonSettings
-from cedar.runtime.topology import (
-    history_stream,
-    mcs_ledger_bucket,
-    namespaces_stream,
-    node_status_bucket,
-    workloads_stream,
-)
+from cedar.runtime.topology import mcs_ledger_bucket, node_status_bucket, service_streams
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -48,9 +42,8 @@ async def jetstream(url: str) -> AsyncIterator[JetStreamContext]:
     settings = CommonSettings(nats_url=url)
     nc = await nats.connect(url)
     js = nc.jetstream(timeout=10)
-    for stream in (workloads_stream(settings), namespaces_stream(settings)):
+    for stream in service_streams(settings):
         await ensure_stream(js, stream)
-    await ensure_stream(js, history_stream(settings))
     for bucket in (node_status_bucket(settings), mcs_ledger_bucket(settings)):
         await ensure_kv(js, bucket)
     try:

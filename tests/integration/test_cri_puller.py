@@ -27,7 +27,7 @@ from cedar.puller.runtime_choice import CONTAINERD_SOCKET
 from cedar.puller.settings import PullerSettings
 from cedar.runtime.bus import Bus
 from cedar.runtime.health import Health
-from cedar.runtime.topology import node_status_bucket, workloads_stream
+from cedar.runtime.topology import node_status_bucket, service_streams
 from cedar.sandbox.containerd import Containerd
 from cedar.sandbox.kubeapi import KubeAPI
 from cedar.sandbox.registry import Registry
@@ -93,7 +93,7 @@ async def cluster(nats_url: str) -> AsyncIterator[Cluster]:
     settings = PullerSettings(node_name="publisher", nats_url=nats_url)
     bus = Bus(settings, "test-publisher", Health())
     assert await bus.connect()
-    await bus.ensure(streams=[workloads_stream(settings)], buckets=[node_status_bucket(settings)])
+    await bus.ensure(streams=service_streams(settings), buckets=[node_status_bucket(settings)])
     c = Cluster(nats_url, bus, [])
     try:
         yield c

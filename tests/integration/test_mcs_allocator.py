@@ -29,7 +29,7 @@ from cedar.runtime.bus import TRANSIENT_ERRORS, Bus
 from cedar.runtime.health import Health
 from cedar.runtime.kube import KubeClient, KubeError, load_config, resource_path
 from cedar.runtime.settings import CommonSettings
-from cedar.runtime.topology import kv_stream, kv_subject, namespaces_stream
+from cedar.runtime.topology import history_stream, kv_stream, kv_subject, namespaces_stream
 from cedar.sandbox.kubeapi import KubeAPI
 from cedar.sandbox.procs import free_port
 from tests.harness import waiting
@@ -55,7 +55,9 @@ class Bridge:
 
     async def start(self) -> Bridge:
         await self.bus.connect()
-        await self.bus.ensure(streams=[namespaces_stream(self.settings)])
+        await self.bus.ensure(
+            streams=[history_stream(self.settings), namespaces_stream(self.settings)]
+        )
         self.task = asyncio.create_task(self._run())
         return self
 

@@ -49,7 +49,7 @@ from cedar.puller.engine import ImageEngine
 from cedar.puller.settings import PullerSettings
 from cedar.runtime.bus import Bus
 from cedar.runtime.health import Health
-from cedar.runtime.topology import node_status_bucket, workloads_stream
+from cedar.runtime.topology import node_status_bucket, service_streams
 from cedar.sandbox.containerd import Containerd
 from cedar.sandbox.dockerd import DockerEngine
 from cedar.sandbox.kubeapi import KubeAPI
@@ -263,7 +263,7 @@ async def world(nats_url: str, node: Node) -> AsyncIterator[World]:
     bus = Bus(settings, "test-publisher", Health())
     assert await bus.connect()
     await bus.ensure(
-        streams=[workloads_stream(settings)],
+        streams=service_streams(settings),
         buckets=[node_status_bucket(settings)],
     )
     w = World(nats_url, node, bus)
@@ -641,7 +641,7 @@ async def test_follows_the_stream_across_a_nats_restart(
     settings = PullerSettings(node_name="publisher", nats_url=fresh_nats.url)
     bus = Bus(settings, "test-publisher", Health())
     assert await bus.connect()
-    await bus.ensure(streams=[workloads_stream(settings)])
+    await bus.ensure(streams=service_streams(settings))
     world = World(fresh_nats.url, node, bus)
     running = await world.start()
     try:

@@ -23,12 +23,8 @@ from cedar.runtime.bus import (
 from cedar.runtime.health import Health
 from cedar.runtime.http import HttpServer
 from cedar.runtime.settings import CommonSettings
-from cedar.runtime.topology import (
-    history_stream,
-    namespaces_stream,
-    node_status_bucket,
-    workloads_stream,
-)
+from cedar.runtime.sourcing import sources_caught_up
+from cedar.runtime.topology import history_stream, node_status_bucket, service_streams
 from cedar.sandbox.nats import NatsServer
 from cedar.sandbox.procs import free_port
 from tests.harness.waiting import eventually
@@ -38,25 +34,20 @@ async def test_streams_and_buckets_are_created_idempotently(fresh_nats: NatsServ
     settings = CommonSettings(nats_url=fresh_nats.url)
     bus = Bus(settings, "test", Health())
     assert await bus.connect()
-    streams = [workloads_stream(settings), namespaces_stream(settings), history_stream(settings)]
+    streams = service_streams(settings)
     buckets = [node_status_bucket(settings)]
     for _ in range(2):  # a second service starting does not fail or change anything
         kvs = await bus.ensure(streams, buckets)
     await kvs[subjects.KV_NODE_STATUS].put("n1.abc", b"{}")
 
-    ack = await bus.js.publish(subjects.workload_subject("Deployment", "t", "web"), b"{}")
-    assert ack.stream == subjects.STREAM_WORKLOADS
+    subject = subjects.workload_subject("Deployment", "t", "web")
+    ack = await bus.js.publish(subject, b"{}")
+    assert ack.stream == subjects.STREAM_HISTORY  # the history takes the changes...
 
-    # The history stream sources the workloads stream: the same message arrives there.
-    async def in_history() -> bool:
-        info = await bus.js.stream_info(subjects.STREAM_HISTORY)
-        return info.state.messages >= 1
-
-    for _ in range(100):
-        if await in_history():
-            break
-        await asyncio.sleep(0.05)
-    assert await in_history()
+    # ...and CEDAR_WORKLOADS, sourcing it, gets the same message.
+    assert await sources_caught_up(bus.js, subjects.STREAM_WORKLOADS, within=10)
+    copied = await bus.js.get_last_msg(subjects.STREAM_WORKLOADS, subject)
+    assert copied.data == b"{}"
 
     # A changed configuration is applied to the existing stream.
     changed = history_stream(CommonSettings(nats_url=fresh_nats.url, history_retention=3600))

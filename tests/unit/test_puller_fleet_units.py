@@ -24,7 +24,7 @@ from cedar.puller.status import StatusPublisher
 from cedar.puller.warm_gate import WarmGate, _timestamp
 from cedar.puller.warmup import WARMING_TAINT_KEY
 from cedar.runtime.topology import (
-    FLEET_LEASES_MAX_CONSUMERS,
+    FLEET_MAX_CONSUMERS,
     fleet_leases_stream,
     kv_stream,
     kv_subject,
@@ -107,8 +107,8 @@ def test_the_lease_bucket_is_a_kv_bucket_with_its_own_consumer_limit() -> None:
     assert config.allow_rollup_hdrs and config.allow_msg_ttl and config.deny_delete
     assert config.num_replicas == 3
     # A fleet of more than 1,000 pullers each follows it (NATS 2.15's default limit).
-    assert config.max_consumers is not None and config.max_consumers == FLEET_LEASES_MAX_CONSUMERS
-    assert FLEET_LEASES_MAX_CONSUMERS > 10_000
+    assert config.max_consumers is not None and config.max_consumers == FLEET_MAX_CONSUMERS
+    assert FLEET_MAX_CONSUMERS > 10_000
     assert config.max_age is not None and config.max_age > 10 * DEFAULT_LEASE_TTL
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
@@ -32,10 +33,16 @@ from nats.js.api import (
     ObjectStoreConfig,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError, BucketNotFoundError, ServiceUnavailableError
+from nats.js.errors import (
+    BadRequestError,
+    BucketNotFoundError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
+from cedar.runtime import sourcing
 from cedar.runtime.backoff import Backoff
 from cedar.runtime.errors import BusError, BusUnavailable, StalledRead
 from cedar.runtime.health import Health
@@ -64,6 +71,7 @@ __all__ = [
     "ensure_kv",
     "ensure_object_store",
     "ensure_stream",
+    "ensure_streams",
     "kv_deleted",
     "read_to_end",
     "reply_pending",
@@ -91,8 +99,17 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig, *, update: b
     """Create the stream; if it exists with another configuration, update it to ours.
 
     With `update=False` (a stream another service owns: its NATS user may create it but
-    not change it) an existing stream is left as it is.
+    not change it) an existing stream is left as it is. An update keeps where each of the
+    stream's sources started: a source given a start sequence once (when the layout was
+    moved, `cedar.runtime.history_layout`) would otherwise copy its origin from the start.
     """
+    assert config.name is not None
+    if not update:
+        # Whatever its configuration: asking to create it could even be refused as a
+        # sourcing cycle, when it is in a layout the owner has still to move.
+        with contextlib.suppress(NotFoundError):
+            await js.stream_info(config.name)
+            return
     try:
         await js.add_stream(config)
     except BadRequestError as err:
@@ -105,8 +122,40 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig, *, update: b
                 extra={"stream": config.name},
             )
             return
+        existing = (await js.stream_info(config.name)).config
         log.info("updating stream configuration", extra={"stream": config.name})
-        await js.update_stream(config)
+        await js.update_stream(keep_source_starts(config, existing))
+
+
+def keep_source_starts(config: StreamConfig, existing: StreamConfig) -> StreamConfig:
+    """`config` with the start position of each source `existing` has too."""
+    if not config.sources or not existing.sources:
+        return config
+    started = {(s.name, s.filter_subject): s for s in existing.sources}
+    sources = []
+    for source in config.sources:
+        old = started.get((source.name, source.filter_subject))
+        if old is not None and source.opt_start_seq is None and source.opt_start_time is None:
+            sources.append(
+                dataclasses.replace(
+                    source, opt_start_seq=old.opt_start_seq, opt_start_time=old.opt_start_time
+                )
+            )
+        else:
+            sources.append(source)
+    return dataclasses.replace(config, sources=sources)
+
+
+async def ensure_streams(
+    js: JetStreamContext, configs: Iterable[StreamConfig], *, update: bool = True
+) -> None:
+    """`ensure_stream` for each, in order; with `update`, a cluster still in the older
+    layout of the history and the last-value streams is moved first (`cedar.runtime.sourcing`)."""
+    configs = list(configs)
+    if update:
+        await sourcing.move_to_history_first(js, configs)
+    for config in configs:
+        await ensure_stream(js, config, update=update)
 
 
 async def ensure_kv(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
@@ -424,8 +473,7 @@ class Bus:
         streams, buckets = list(streams), list(buckets)
 
         async def once() -> dict[str, KeyValue]:
-            for stream in streams:
-                await ensure_stream(self.js, stream, update=update)
+            await ensure_streams(self.js, streams, update=update)
             return {b.bucket: await ensure_kv(self.js, b) for b in buckets}
 
         return await self._retrying(once)

@@ -25,52 +25,81 @@ from cedar.runtime.settings import CommonSettings
 # Two watcher replicas publish the same change within milliseconds of each other; the
 # window only has to cover that and a reconnect's republish.
 DUPLICATE_WINDOW = timedelta(minutes=2)
+# A stream also drops a *sourced* message whose Nats-Msg-Id it saw within its window. The
+# last-value streams must copy every message of the history, even two with one id (stored
+# more than DUPLICATE_WINDOW apart, copied in one burst after a lag), so theirs is the
+# smallest NATS accepts.
+SOURCED_DUPLICATE_WINDOW = timedelta(milliseconds=100)
 # `cedar replay --to` output is kept a day, so a dry-run consumer can start afterwards.
 REPLAY_RETENTION = timedelta(hours=24)
 
 
+# Every puller follows CEDAR_WORKLOADS (and the lease bucket) with a consumer of its own.
+# NATS 2.15 gives a stream that sets no limit a default of 1,000 consumers
+# (`default_max_consumers`), which a fleet of a thousand nodes would hit; these streams set
+# their own limit instead.
+FLEET_MAX_CONSUMERS = 100_000
+
+
+def history_stream(settings: CommonSettings) -> StreamConfig:
+    """Every change the watcher publishes, every audit record and puller decision, for
+    `cedar replay`: the stream that takes those subjects, so a change is in the history
+    the moment it is acknowledged. The last-value streams below are sourced from it (a
+    lag there delays a change, never loses it: docs/reliability.md, finding 3)."""
+    return StreamConfig(
+        name=subjects.STREAM_HISTORY,
+        description="Every change, audit record and puller decision, for `cedar replay`.",
+        subjects=[
+            f"{subjects.WORKLOADS_PREFIX}.>",
+            f"{subjects.NAMESPACES_PREFIX}.>",
+            f"{subjects.AUDIT_PREFIX}.>",
+            f"{subjects.DECISIONS_PREFIX}.>",
+        ],
+        max_age=settings.history_retention.total_seconds(),
+        allow_msg_ttl=True,  # prepull entries and deletion markers carry their own TTL
+        discard=DiscardPolicy.OLD,
+        duplicate_window=DUPLICATE_WINDOW.total_seconds(),
+        storage=StorageType.FILE,
+        num_replicas=settings.nats_replicas,
+    )
+
+
 def workloads_stream(settings: CommonSettings) -> StreamConfig:
+    """Desired image sets: CEDAR_HISTORY's workload messages, the last one per subject."""
     return StreamConfig(
         name=subjects.STREAM_WORKLOADS,
         description="Desired image sets: the last message per workload (or its deletion marker).",
-        subjects=[f"{subjects.WORKLOADS_PREFIX}.>"],
+        sources=[
+            StreamSource(
+                name=subjects.STREAM_HISTORY, filter_subject=f"{subjects.WORKLOADS_PREFIX}.>"
+            )
+        ],
         max_msgs_per_subject=1,
+        max_consumers=FLEET_MAX_CONSUMERS,
         allow_msg_ttl=True,  # deletion markers and prepull entries expire; live workloads never
         allow_direct=True,
-        allow_rollup_hdrs=True,
         discard=DiscardPolicy.OLD,
-        duplicate_window=DUPLICATE_WINDOW.total_seconds(),
+        duplicate_window=SOURCED_DUPLICATE_WINDOW.total_seconds(),
         storage=StorageType.FILE,
         num_replicas=settings.nats_replicas,
     )
 
 
 def namespaces_stream(settings: CommonSettings) -> StreamConfig:
+    """Namespace lifecycle: CEDAR_HISTORY's namespace messages, the last one per subject."""
     return StreamConfig(
         name=subjects.STREAM_NAMESPACES,
         description="Namespace lifecycle: the last event per namespace.",
-        subjects=[f"{subjects.NAMESPACES_PREFIX}.>"],
+        sources=[
+            StreamSource(
+                name=subjects.STREAM_HISTORY, filter_subject=f"{subjects.NAMESPACES_PREFIX}.>"
+            )
+        ],
         max_msgs_per_subject=1,
         allow_msg_ttl=True,
         allow_direct=True,
         discard=DiscardPolicy.OLD,
-        duplicate_window=DUPLICATE_WINDOW.total_seconds(),
-        storage=StorageType.FILE,
-        num_replicas=settings.nats_replicas,
-    )
-
-
-def history_stream(settings: CommonSettings) -> StreamConfig:
-    return StreamConfig(
-        name=subjects.STREAM_HISTORY,
-        description="Every change, audit record and puller decision, for `cedar replay`.",
-        subjects=[f"{subjects.AUDIT_PREFIX}.>", f"{subjects.DECISIONS_PREFIX}.>"],
-        sources=[
-            StreamSource(name=subjects.STREAM_WORKLOADS),
-            StreamSource(name=subjects.STREAM_NAMESPACES),
-        ],
-        max_age=settings.history_retention.total_seconds(),
-        discard=DiscardPolicy.OLD,
+        duplicate_window=SOURCED_DUPLICATE_WINDOW.total_seconds(),
         storage=StorageType.FILE,
         num_replicas=settings.nats_replicas,
     )
@@ -90,9 +119,9 @@ def replay_stream(settings: CommonSettings) -> StreamConfig:
 
 
 def service_streams(settings: CommonSettings) -> list[StreamConfig]:
-    """The streams the services share, in the order they must be created (history
-    sources the other two)."""
-    return [workloads_stream(settings), namespaces_stream(settings), history_stream(settings)]
+    """The streams the services share, in the order they must be created (the other two
+    source the history)."""
+    return [history_stream(settings), workloads_stream(settings), namespaces_stream(settings)]
 
 
 def _kv(settings: CommonSettings, bucket: str) -> KeyValueConfig:
@@ -114,10 +143,6 @@ def puller_state_bucket(settings: CommonSettings) -> KeyValueConfig:
 # A lease bucket key nobody has written for this long is removed whatever its own TTL: a
 # backstop only (leases and requests carry a TTL of seconds, and so do their removals).
 FLEET_LEASES_MAX_AGE = timedelta(hours=1)
-# Every puller follows the lease bucket with a consumer of its own. NATS 2.15 gives a stream
-# that sets no limit a default of 1,000 consumers (`default_max_consumers`), which a fleet
-# of a thousand nodes would hit; this is the bucket's own limit instead.
-FLEET_LEASES_MAX_CONSUMERS = 100_000
 
 
 def fleet_leases_stream(settings: CommonSettings) -> StreamConfig:
@@ -129,7 +154,7 @@ def fleet_leases_stream(settings: CommonSettings) -> StreamConfig:
     Given as the stream behind the bucket (`KV_<bucket>`), laid out as nats-py's
     `create_key_value` lays out a bucket (subjects `$KV.<bucket>.>`, one message per key,
     rollups, per-message TTL, discard new, no message deletes), because that call cannot
-    set a consumer limit (see FLEET_LEASES_MAX_CONSUMERS); `js.key_value()` opens it."""
+    set a consumer limit (see FLEET_MAX_CONSUMERS); `js.key_value()` opens it."""
     return StreamConfig(
         name=kv_stream(subjects.KV_FLEET_LEASES),
         description="Registry pull leases and requests (CEDAR_REGISTRY_FLEET_PULLS).",
@@ -137,7 +162,7 @@ def fleet_leases_stream(settings: CommonSettings) -> StreamConfig:
         max_msgs_per_subject=1,
         max_msgs=-1,
         max_age=FLEET_LEASES_MAX_AGE.total_seconds(),
-        max_consumers=FLEET_LEASES_MAX_CONSUMERS,
+        max_consumers=FLEET_MAX_CONSUMERS,
         allow_rollup_hdrs=True,
         allow_msg_ttl=True,
         deny_delete=True,

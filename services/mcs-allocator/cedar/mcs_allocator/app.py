@@ -64,7 +64,7 @@ async def main(rt: Runtime[AllocatorSettings]) -> None:
             bound = await _start_binding(rt, client)
         # The watcher owns the streams; the allocator only makes sure they exist.
         await rt.bus.ensure(
-            streams=[topology.namespaces_stream(settings), topology.history_stream(settings)],
+            streams=[topology.history_stream(settings), topology.namespaces_stream(settings)],
             update=False,
         )
         kvs = await rt.bus.ensure(buckets=[topology.mcs_ledger_bucket(settings)])

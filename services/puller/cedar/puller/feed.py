@@ -27,12 +27,15 @@ from cedar.puller import metrics
 from cedar.puller.desired import Change, DesiredSet
 from cedar.runtime.bus import Bus, BusError, bus_errors
 from cedar.runtime.health import Health
+from cedar.runtime.sourcing import sources_caught_up
 
 log = logging.getLogger("cedar.puller")
 
 # Two missed heartbeats make an ordered consumer re-create itself (after a NATS restart,
 # say); 2 s keeps that gap near 4 s at a negligible message rate.
 _IDLE_HEARTBEAT = 2.0
+# At most, at each (re)subscription, for CEDAR_WORKLOADS to catch up with the history.
+_CATCH_UP_WAIT = 10.0
 
 
 class DesiredFeed:
@@ -68,6 +71,17 @@ class DesiredFeed:
             await self._subscribe_subject(self.from_subject)
             return
         with bus_errors("follow the workloads"):
+            # CEDAR_WORKLOADS copies the history: what is "everything there is" for the
+            # initial pass (and the warm-up gate) is what it holds once it has caught up.
+            if not await sources_caught_up(
+                self.bus.js, subjects.STREAM_WORKLOADS, within=_CATCH_UP_WAIT
+            ):
+                log.warning(
+                    "%s has not caught up with %s after %.0fs; reading it as it is",
+                    subjects.STREAM_WORKLOADS,
+                    subjects.STREAM_HISTORY,
+                    _CATCH_UP_WAIT,
+                )
             info = await self.bus.js.stream_info(subjects.STREAM_WORKLOADS)
             self._last_seq = info.state.last_seq
             self._subscription = await self.bus.js.subscribe(

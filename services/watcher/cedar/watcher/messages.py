@@ -63,14 +63,19 @@ def live_workload(item: WorkloadImageSet, seen: float = 0.0, subject: str = "") 
     """A workload's image set; `subject` may be given when the caller has it already."""
     content = item.model_dump_json(exclude=_VOLATILE).encode()
     digest = _hash(item.kind, item.uid, content)
-    generation = "" if item.generation is None else str(item.generation)
+    # An id repeats only for the same change (seen by two replicas), never for A -> B -> A:
+    # the history's copies into CEDAR_WORKLOADS drop a repeated id too (topology.py).
+    if item.generation is not None:
+        msg_id = _hash(digest, "generation", str(item.generation))
+    else:
+        msg_id = _hash(digest, "rv", item.resource_version)
     return Outgoing(
         kind=item.kind,
         subject=subject or subjects.workload_subject(item.kind, item.namespace, item.name),
         identity=item.identity,
         uid=item.uid,
         digest=digest,
-        msg_id=_hash(digest, "generation", generation),
+        msg_id=msg_id,
         body=_splice(content, item.model_dump_json(include=_VOLATILE).encode()),
         seen=seen,
     )
@@ -89,8 +94,8 @@ def workload_marker(
     seen: float = 0.0,
 ) -> Outgoing:
     """A deletion marker. `because` distinguishes a dropped revision (the kept revisions'
-    uids) from a deletion, so that a revision dropped, kept again and dropped again within
-    the duplicate window is not de-duplicated away."""
+    uids) from a deletion; with the owner's resourceVersion, a revision dropped, kept again
+    and dropped again gets another id each time (a deletion happens once per uid)."""
     item = WorkloadImageSet(
         kind=kind,
         namespace=namespace,
@@ -106,7 +111,9 @@ def workload_marker(
         identity=item.identity,
         uid=uid,
         digest=DELETED_DIGEST,
-        msg_id=_hash(kind, uid, "deleted", *because),
+        msg_id=_hash(
+            kind, uid, "deleted", *because, *(("rv", resource_version) if because else ())
+        ),
         body=item.model_dump_json().encode(),
         deleted=True,
         ttl=ttl,

@@ -1,6 +1,7 @@
 """Publishing the outbox's pending changes to JetStream, and reading back what is stored.
-I/O: the CEDAR_WORKLOADS and CEDAR_NAMESPACES streams through the bus's NATS connection;
-nats-py's errors are turned into `BusError` here (`bus_errors`) and go no further.
+I/O: the CEDAR_HISTORY stream (which takes the watcher's subjects) and CEDAR_WORKLOADS and
+CEDAR_NAMESPACES (sourced from it) through the bus's NATS connection; nats-py's errors are
+turned into `BusError` here (`bus_errors`) and go no further.
 
 Publishes are pipelined (`publish_async`, up to `max_inflight` awaiting their ack) because
 a round trip per message would cap the watcher at a few thousand messages per second.
@@ -35,6 +36,7 @@ from cedar.proto import subjects
 from cedar.runtime.backoff import Backoff
 from cedar.runtime.bus import Bus, bus_errors
 from cedar.runtime.errors import BusError, BusUnavailable
+from cedar.runtime.sourcing import sources_caught_up
 from cedar.watcher import metrics
 from cedar.watcher.messages import (
     DELETED_DIGEST,
@@ -57,12 +59,6 @@ _ERROR = metrics.PUBLISHES.labels(result="error")
 
 def _salt(msg_id: str, seq: str) -> str:
     return hashlib.blake2b(f"{msg_id}:{seq}".encode(), digest_size=16).hexdigest()
-
-
-def stream_of(subject: str) -> str:
-    if subject.startswith(subjects.NAMESPACES_PREFIX + "."):
-        return subjects.STREAM_NAMESPACES
-    return subjects.STREAM_WORKLOADS
 
 
 def seed_filters(kinds: tuple[str, ...], namespace: str | None) -> list[tuple[str, str, str]]:
@@ -157,11 +153,13 @@ class Publisher:
         *,
         max_inflight: int = 4000,
         ack_timeout: float = 5.0,
+        seed_wait: float = 30.0,
     ) -> None:
         self.bus = bus
         self.outbox = outbox
         self.max_inflight = max_inflight
         self.ack_timeout = ack_timeout
+        self.seed_wait = seed_wait  # at most, for the sourced streams to catch up
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._deadlines: dict[str, tuple[float, str, asyncio.Future[bool]]] = {}
@@ -186,6 +184,8 @@ class Publisher:
         while True:
             try:
                 count = 0
+                for stream in {stream for _, stream, _ in seed_filters(kinds, namespace)}:
+                    await self._caught_up(stream)
                 for kind, stream, flt in seed_filters(kinds, namespace):
                     with bus_errors(f"read the stored state of {flt}"):
                         count += await self._seed_one(kind, stream, flt)
@@ -195,6 +195,20 @@ class Publisher:
                 log.warning("cannot read the stored state yet (%r); retrying in %.1fs", err, delay)
                 await asyncio.sleep(delay)
                 await self.bus.connected_event.wait()
+
+    async def _caught_up(self, stream: str) -> None:
+        """Wait (a bounded time) until `stream` has copied everything from CEDAR_HISTORY:
+        what this watcher's predecessor stored just before it stopped may not be there yet.
+        Reading too early is safe, only wasteful: an unchanged workload read as missing is
+        published again, and the history's duplicate window drops it."""
+        with bus_errors(f"read the sourcing state of {stream}"):
+            if not await sources_caught_up(self.bus.js, stream, within=self.seed_wait):
+                log.warning(
+                    "%s has not caught up with %s after %.0fs; reading it as it is",
+                    stream,
+                    subjects.STREAM_HISTORY,
+                    self.seed_wait,
+                )
 
     async def _seed_one(self, kind: str, stream: str, flt: str) -> int:
         js = self.bus.js
@@ -303,7 +317,8 @@ class Publisher:
         """The subject's last stored message; None if it has none."""
         with bus_errors(f"read the last message of {subject}"):
             try:
-                return await self.bus.js.get_last_msg(stream_of(subject), subject)
+                # The history takes the writes; the last-value streams may lag behind it.
+                return await self.bus.js.get_last_msg(subjects.STREAM_HISTORY, subject)
             except NotFoundError:
                 return None
 
