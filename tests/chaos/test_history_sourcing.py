@@ -14,8 +14,10 @@ message; a stream drops a sourced message whose Nats-Msg-Id it saw within its wi
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import nats
+import pytest
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, StorageType, StreamConfig, StreamSource
 
@@ -28,6 +30,16 @@ from cedar.sandbox.nats import NatsServer
 from tests.chaos.observe import read_all
 
 SUBJECT = "cedar.workloads.Deployment.t.web"
+SETTINGS = CommonSettings()
+
+
+@pytest.fixture
+async def js(fresh_nats: NatsServer) -> AsyncIterator[JetStreamContext]:
+    nc = await nats.connect(fresh_nats.url)
+    try:
+        yield nc.jetstream()
+    finally:
+        await nc.close()
 
 
 async def _publish(js: JetStreamContext, subject: str, version: int) -> None:
@@ -41,73 +53,55 @@ async def _ids(js: JetStreamContext, stream: str) -> list[str]:
 
 
 async def test_changes_made_while_the_last_value_stream_lags_are_all_in_the_history(
-    fresh_nats: NatsServer,
+    js: JetStreamContext,
 ) -> None:
-    settings = CommonSettings()
-    nc = await nats.connect(fresh_nats.url)
-    try:
-        js = nc.jetstream()
-        await ensure_stream(js, topology.history_stream(settings))
-        for version in (1, 2):  # both stored before CEDAR_WORKLOADS exists (maximal lag)
-            await _publish(js, SUBJECT, version)
-        await ensure_stream(js, topology.workloads_stream(settings))
-        assert await sources_caught_up(js, subjects.STREAM_WORKLOADS, within=10)
-        assert await _ids(js, subjects.STREAM_HISTORY) == ["v1", "v2"]
-        last = await js.get_last_msg(subjects.STREAM_WORKLOADS, SUBJECT)
-        assert last.headers and last.headers["Nats-Msg-Id"] == "v2"
-    finally:
-        await nc.close()
+    await ensure_stream(js, topology.history_stream(SETTINGS))
+    for version in (1, 2):  # both stored before CEDAR_WORKLOADS exists (maximal lag)
+        await _publish(js, SUBJECT, version)
+    await ensure_stream(js, topology.workloads_stream(SETTINGS))
+    assert await sources_caught_up(js, subjects.STREAM_WORKLOADS, within=10)
+    assert await _ids(js, subjects.STREAM_HISTORY) == ["v1", "v2"]
+    last = await js.get_last_msg(subjects.STREAM_WORKLOADS, SUBJECT)
+    assert last.headers and last.headers["Nats-Msg-Id"] == "v2"
 
 
 async def test_sources_caught_up_waits_for_the_copy_and_says_when_it_did_not(
-    fresh_nats: NatsServer,
+    js: JetStreamContext,
 ) -> None:
-    settings = CommonSettings()
-    nc = await nats.connect(fresh_nats.url)
-    try:
-        js = nc.jetstream()
-        # Sourcing a history that does not exist yet: never caught up.
-        await ensure_stream(js, topology.workloads_stream(settings))
-        assert not await sources_caught_up(js, subjects.STREAM_WORKLOADS, within=0.5)
-        await ensure_stream(js, topology.history_stream(settings))
-        await asyncio.gather(*[_publish(js, f"{SUBJECT}-{i}", i) for i in range(2000)])
-        assert await sources_caught_up(js, subjects.STREAM_WORKLOADS, within=20)
-        info = await js.stream_info(subjects.STREAM_WORKLOADS)
-        assert info.state.messages == 2000  # everything copied when it says so
-        assert await sources_caught_up(js, subjects.STREAM_HISTORY, within=0)  # no sources
-    finally:
-        await nc.close()
+    # Sourcing a history that does not exist yet: never caught up.
+    await ensure_stream(js, topology.workloads_stream(SETTINGS))
+    assert not await sources_caught_up(js, subjects.STREAM_WORKLOADS, within=0.5)
+    await ensure_stream(js, topology.history_stream(SETTINGS))
+    await asyncio.gather(*[_publish(js, f"{SUBJECT}-{i}", i) for i in range(2000)])
+    assert await sources_caught_up(js, subjects.STREAM_WORKLOADS, within=20)
+    info = await js.stream_info(subjects.STREAM_WORKLOADS)
+    assert info.state.messages == 2000  # everything copied when it says so
+    assert await sources_caught_up(js, subjects.STREAM_HISTORY, within=0)  # no sources
 
 
 async def test_a_burst_of_copies_drops_a_repeated_id_so_the_watcher_never_repeats_one(
-    fresh_nats: NatsServer,
+    js: JetStreamContext,
 ) -> None:
     """A -> B -> A stored more than the history's duplicate window apart, then copied in
     one burst (CEDAR_WORKLOADS catching up): under one Nats-Msg-Id the second A is dropped
     and B stays the last value; under the ids the watcher gives (another per change,
     tests/unit/test_watcher_msg_ids.py) A is."""
-    settings = CommonSettings()
-    nc = await nats.connect(fresh_nats.url)
-    try:
-        js = nc.jetstream()
-        history = topology.history_stream(settings)
-        history.duplicate_window = 0.2  # so that the test need not wait two minutes
-        await ensure_stream(js, history)
-        cases = ((f"{SUBJECT}-same", "a"), (f"{SUBJECT}-new", "a2"))
-        for subject, _ in cases:
-            await js.publish(subject, b"A", headers={"Nats-Msg-Id": "a"})
-            await js.publish(subject, b"B", headers={"Nats-Msg-Id": "b"})
-        await asyncio.sleep(0.3)
-        for subject, second_id in cases:
-            ack = await js.publish(subject, b"A", headers={"Nats-Msg-Id": second_id})
-            assert not ack.duplicate
-        await ensure_stream(js, topology.workloads_stream(settings))  # copies all at once
-        assert await sources_caught_up(js, subjects.STREAM_WORKLOADS, within=10)
-        same = await js.get_last_msg(subjects.STREAM_WORKLOADS, f"{SUBJECT}-same")
-        new = await js.get_last_msg(subjects.STREAM_WORKLOADS, f"{SUBJECT}-new")
-        assert (same.data, new.data) == (b"B", b"A")
-    finally:
-        await nc.close()
+    history = topology.history_stream(SETTINGS)
+    history.duplicate_window = 0.2  # so that the test need not wait two minutes
+    await ensure_stream(js, history)
+    cases = ((f"{SUBJECT}-same", "a"), (f"{SUBJECT}-new", "a2"))
+    for subject, _ in cases:
+        await js.publish(subject, b"A", headers={"Nats-Msg-Id": "a"})
+        await js.publish(subject, b"B", headers={"Nats-Msg-Id": "b"})
+    await asyncio.sleep(0.3)
+    for subject, second_id in cases:
+        ack = await js.publish(subject, b"A", headers={"Nats-Msg-Id": second_id})
+        assert not ack.duplicate
+    await ensure_stream(js, topology.workloads_stream(SETTINGS))  # copies all at once
+    assert await sources_caught_up(js, subjects.STREAM_WORKLOADS, within=10)
+    same = await js.get_last_msg(subjects.STREAM_WORKLOADS, f"{SUBJECT}-same")
+    new = await js.get_last_msg(subjects.STREAM_WORKLOADS, f"{SUBJECT}-new")
+    assert (same.data, new.data) == (b"B", b"A")
 
 
 def _older_layout(settings: CommonSettings) -> list[StreamConfig]:
@@ -146,67 +140,55 @@ def _older_layout(settings: CommonSettings) -> list[StreamConfig]:
 
 
 async def test_a_cluster_in_the_older_layout_is_moved_and_nothing_is_copied_back(
-    fresh_nats: NatsServer,
+    js: JetStreamContext,
 ) -> None:
-    settings = CommonSettings()
-    nc = await nats.connect(fresh_nats.url)
-    try:
-        js = nc.jetstream()
-        for config in _older_layout(settings):
-            await js.add_stream(config)
-        for version in range(1, 6):
-            await _publish(js, SUBJECT, version)
-        await _publish(js, "cedar.namespaces.t", 10)
-        await js.publish("cedar.audit.mcs.claim", b"{}")
-        assert await sources_caught_up(js, subjects.STREAM_HISTORY, within=10)
-        before = {
-            name: (await js.stream_info(name)).state.last_seq
-            for name in (subjects.STREAM_WORKLOADS, subjects.STREAM_NAMESPACES)
-        }
-        history_before = await _ids(js, subjects.STREAM_HISTORY)
+    for config in _older_layout(SETTINGS):
+        await js.add_stream(config)
+    for version in range(1, 6):
+        await _publish(js, SUBJECT, version)
+    await _publish(js, "cedar.namespaces.t", 10)
+    await js.publish("cedar.audit.mcs.claim", b"{}")
+    assert await sources_caught_up(js, subjects.STREAM_HISTORY, within=10)
+    before = {
+        name: (await js.stream_info(name)).state.last_seq
+        for name in (subjects.STREAM_WORKLOADS, subjects.STREAM_NAMESPACES)
+    }
+    history_before = await _ids(js, subjects.STREAM_HISTORY)
 
-        streams = topology.service_streams(settings)
-        await ensure_streams(js, streams)
-        await ensure_streams(js, streams)  # the next start: the start positions are kept
+    streams = topology.service_streams(SETTINGS)
+    await ensure_streams(js, streams)
+    await ensure_streams(js, streams)  # the next start: the start positions are kept
 
-        history = (await js.stream_info(subjects.STREAM_HISTORY)).config
-        assert set(history.subjects or []) >= {"cedar.workloads.>", "cedar.namespaces.>"}
-        assert not history.sources
-        for name in (subjects.STREAM_WORKLOADS, subjects.STREAM_NAMESPACES):
-            info = await js.stream_info(name)
-            assert not info.config.subjects
-            assert [s.name for s in info.config.sources or []] == [subjects.STREAM_HISTORY]
-            assert info.state.last_seq == before[name], f"{name} copied the history back"
-        last = await js.get_last_msg(subjects.STREAM_WORKLOADS, SUBJECT)
-        assert last.headers and last.headers["Nats-Msg-Id"] == "v5"
+    history = (await js.stream_info(subjects.STREAM_HISTORY)).config
+    assert set(history.subjects or []) >= {"cedar.workloads.>", "cedar.namespaces.>"}
+    assert not history.sources
+    for name in (subjects.STREAM_WORKLOADS, subjects.STREAM_NAMESPACES):
+        info = await js.stream_info(name)
+        assert not info.config.subjects
+        assert [s.name for s in info.config.sources or []] == [subjects.STREAM_HISTORY]
+        assert info.state.last_seq == before[name], f"{name} copied the history back"
+    last = await js.get_last_msg(subjects.STREAM_WORKLOADS, SUBJECT)
+    assert last.headers and last.headers["Nats-Msg-Id"] == "v5"
 
-        # New changes go into the history and reach the last-value stream.
-        ack = await js.publish(SUBJECT, b'{"v": 6}', headers={"Nats-Msg-Id": "v6"})
-        assert ack.stream == subjects.STREAM_HISTORY
-        assert await sources_caught_up(js, subjects.STREAM_WORKLOADS, within=10)
-        last = await js.get_last_msg(subjects.STREAM_WORKLOADS, SUBJECT)
-        assert last.headers and last.headers["Nats-Msg-Id"] == "v6"
-        assert (await js.stream_info(subjects.STREAM_WORKLOADS)).state.last_seq == (
-            before[subjects.STREAM_WORKLOADS] + 1
-        )
-        assert await _ids(js, subjects.STREAM_HISTORY) == [*history_before, "v6"]
-    finally:
-        await nc.close()
+    # New changes go into the history and reach the last-value stream.
+    ack = await js.publish(SUBJECT, b'{"v": 6}', headers={"Nats-Msg-Id": "v6"})
+    assert ack.stream == subjects.STREAM_HISTORY
+    assert await sources_caught_up(js, subjects.STREAM_WORKLOADS, within=10)
+    last = await js.get_last_msg(subjects.STREAM_WORKLOADS, SUBJECT)
+    assert last.headers and last.headers["Nats-Msg-Id"] == "v6"
+    assert (await js.stream_info(subjects.STREAM_WORKLOADS)).state.last_seq == (
+        before[subjects.STREAM_WORKLOADS] + 1
+    )
+    assert await _ids(js, subjects.STREAM_HISTORY) == [*history_before, "v6"]
 
 
 async def test_a_service_that_may_not_update_leaves_the_older_layout_alone(
-    fresh_nats: NatsServer,
+    js: JetStreamContext,
 ) -> None:
-    settings = CommonSettings()
-    nc = await nats.connect(fresh_nats.url)
-    try:
-        js = nc.jetstream()
-        for config in _older_layout(settings):
-            await js.add_stream(config)
-        await ensure_streams(js, topology.service_streams(settings), update=False)
-        info = await js.stream_info(subjects.STREAM_WORKLOADS)
-        assert info.config.subjects == ["cedar.workloads.>"]
-        ack = await js.publish(SUBJECT, b"{}")
-        assert ack.stream == subjects.STREAM_WORKLOADS
-    finally:
-        await nc.close()
+    for config in _older_layout(SETTINGS):
+        await js.add_stream(config)
+    await ensure_streams(js, topology.service_streams(SETTINGS), update=False)
+    info = await js.stream_info(subjects.STREAM_WORKLOADS)
+    assert info.config.subjects == ["cedar.workloads.>"]
+    ack = await js.publish(SUBJECT, b"{}")
+    assert ack.stream == subjects.STREAM_WORKLOADS

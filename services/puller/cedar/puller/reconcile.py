@@ -205,7 +205,7 @@ class Reconciler:
                 continue  # wanted again while an earlier delete awaited NATS
             del self.records[image]
             self._unforgotten.add(image)
-        for image in list(self._unforgotten):
+        for image in sorted(self._unforgotten):  # a set: sorted, so runs are repeatable
             if image in desired or image in self.records:
                 self._unforgotten.discard(image)  # wanted again: its status is written anew
             elif await self.status.forget_image(image):
