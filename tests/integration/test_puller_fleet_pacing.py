@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -42,14 +44,16 @@ from cedar.proto.imageref import canonical_registry, normalize
 from cedar.proto.models import ContainerImage, PodScheduling, PullerDecision, WorkloadImageSet
 from cedar.puller.app import assemble
 from cedar.puller.fleet_leases import Held, LeaseStore
-from cedar.puller.pacing import (
-    Lease,
-    PullPriority,
-    Request,
+from cedar.puller.lease_codec import (
     decode_lease,
     decode_request,
     encode_lease,
     lease_key,
+)
+from cedar.puller.pacing import (
+    Lease,
+    PullPriority,
+    Request,
     parse_fleet_pulls,
 )
 from cedar.puller.settings import PullerSettings
@@ -472,6 +476,73 @@ def _start_with(fleet: Fleet, node: str, pool: str, engine: DockerEngine, **env:
         fleet.start(node, pool, **env)
     finally:
         fleet.engines = engines
+
+
+def _runnable_image(engine: DockerEngine, ref: str) -> None:
+    """Import `ref` into `engine` from this machine's /bin/sleep and the libraries it
+    links (no registry or network needed): an image whose container really runs."""
+    files = ["/bin/sleep", "/lib/x86_64-linux-gnu/libc.so.6", "/lib64/ld-linux-x86-64.so.2"]
+    missing = [f for f in files if not Path(f).exists()]
+    if missing:
+        pytest.skip(f"this machine has no {missing[0]} to build a running container from")
+    layer = io.BytesIO()
+    with tarfile.open(fileobj=layer, mode="w") as tar:
+        for name in files:
+            real = Path(name).resolve()
+            info = tar.gettarinfo(str(real), arcname=name.lstrip("/"))
+            with real.open("rb") as data:
+                tar.addfile(info, data)
+    subprocess.run(
+        [engine.cli, "import", "-", ref],
+        input=layer.getvalue(),
+        env=engine.env(),
+        capture_output=True,
+        check=True,
+        timeout=60,
+    )
+
+
+async def test_a_node_running_containers_waits_behind_an_idle_node(
+    nats_url: str, registry: Registry, make_images: ImageMaker, fleet_factory: Any
+) -> None:
+    busy_ref, idle_ref = await make_images.make(2, 256 * 1024)
+    async with SlowProxy(registry, RATE) as proxy, follow_bucket(nats_url) as bucket:
+        busy_ref, idle_ref = proxy.ref(busy_ref), proxy.ref(idle_ref)
+        budget = f"{proxy.host}=1"
+        fleet = fleet_factory(budget)
+        async with blocker(nats_url, proxy.host, budget) as held:
+            # A node running a container (and one that exited: not counted) asks first...
+            busy = fleet.engines()
+            sleeper = "cedar-test/sleeper:1"
+            await asyncio.to_thread(_runnable_image, busy, sleeper)
+            await asyncio.to_thread(
+                busy.docker, "run", "--network", "none", "-d", sleeper, "/bin/sleep", "600"
+            )
+            await asyncio.to_thread(
+                busy.docker, "run", "--network", "none", sleeper, "/bin/sleep", "0"
+            )
+            _start_with(fleet, "busy", "busy", busy)
+            await publish(nats_url, workload("busy", "busy", busy_ref))
+            await eventually(lambda: bucket.waiting("busy"), 30, "busy waits", details=fleet.logs)
+            # ...then an idle node, for the same registry.
+            fleet.start("idle", "idle")
+            await publish(nats_url, workload("idle", "idle", idle_ref))
+            await eventually(lambda: bucket.waiting("idle"), 30, "idle waits", details=fleet.logs)
+            (busy_request,) = bucket.waiting("busy")
+            (idle_request,) = bucket.waiting("idle")
+            assert (busy_request.load, idle_request.load) == (1, 0)
+            assert busy_request.priority == idle_request.priority == PullPriority.MISSING
+            assert busy_request.since < idle_request.since  # first come would serve busy
+            await held.store.release(held.held)
+            await eventually(
+                lambda: len([lease for _, lease in bucket.leases()]) == 3,
+                30,
+                "both nodes leased after the blocker",
+                details=fleet.logs,
+            )
+        fleet.stop()
+    # The slot went to the idle node first, where the scheduler puts the next launch.
+    assert [lease.holder for _, lease in bucket.leases()] == ["blocker", "idle", "busy"]
 
 
 # --- one puller in this process: the fallback and the withdrawal --------------------------

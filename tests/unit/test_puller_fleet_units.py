@@ -1,24 +1,51 @@
 """Fleet pacing and the warm-up gate in the puller, without servers: the settings and their
 options, the lease bucket's configuration, the gate's bookkeeping when there is no API to
-patch, and that nothing is sent to NATS while it is away."""
+patch, that nothing is sent to NATS while it is away, and the node's load in the lease
+order (its rank, its stored form, and how the puller counts it from its runtime)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import shutil
+import tempfile
 import time
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
+from grpc import aio
 from prometheus_client import REGISTRY
 from pydantic import ValidationError
 
 from cedar.proto import subjects
 from cedar.proto.scheduling import NodeInfo, Taint
 from cedar.puller import cli
-from cedar.puller.pacing import DEFAULT_LEASE_TTL
+from cedar.puller.cri import api_pb2 as pb
+from cedar.puller.cri import runtime_service_pb2_grpc as runtime_grpc
+from cedar.puller.cri_engine import CriImageEngine
+from cedar.puller.errors import EngineError
+from cedar.puller.lease_codec import (
+    decode_request,
+    encode_request,
+)
+from cedar.puller.pacing import (
+    DEFAULT_LEASE_TTL,
+    FleetPullsError,
+    Grant,
+    Lease,
+    LeaseTable,
+    PullPriority,
+    Request,
+    Wait,
+    decide,
+    parse_fleet_pulls,
+)
 from cedar.puller.plan import ImageRecord
+from cedar.puller.pulls import NodeLoad
 from cedar.puller.settings import PullerSettings
 from cedar.puller.status import StatusPublisher
 from cedar.puller.warm_gate import WarmGate, _timestamp
@@ -191,3 +218,147 @@ async def test_nothing_is_sent_while_nats_is_away() -> None:
     await status.publish_image(record, ("Deployment/t/w",))
     await status.forget_image(A)
     await status.decision(A, "pull", "", workloads=("Deployment/t/w",))
+
+
+# --- the node's load in the lease order ----------------------------------------------------
+
+H = "harbor.example.com"
+
+
+def _request(
+    token: str, *, since: float, share: int = 0, load: int = 0, holder: str = ""
+) -> Request:
+    return Request(
+        H, holder or token, token, PullPriority.MISSING, since, 1e9, share=share, load=load
+    )
+
+
+def test_within_a_share_the_least_loaded_node_goes_first() -> None:
+    busy_early = _request("busy", since=1.0, load=7)
+    idle_late = _request("idle", since=5.0, load=1)
+    idle_second = _request("idle-2nd", since=0.5, share=1, load=0, holder="idle")
+    cold_busy = replace(busy_early, token="cold", priority=PullPriority.COLD, load=30)
+    waiting = [busy_early, idle_late, idle_second, cold_busy]
+    order = [r.token for r in sorted(waiting, key=Request.rank)]
+    # Priority first, then a node's first pull before any node's second, then the load;
+    # `since` only breaks ties of load.
+    assert order == ["cold", "idle", "busy", "idle-2nd"]
+    assert decide(idle_late, limit=2, leases=[], waiting=waiting, now=6.0) == Grant(
+        slot=1, reason="slot 1 of 2"
+    )
+    assert decide(busy_early, limit=2, leases=[], waiting=waiting, now=6.0) == Wait(ahead=2, free=2)
+    same_load = [_request("a", since=2.0, load=3), _request("b", since=1.0, load=3)]
+    assert [r.token for r in sorted(same_load, key=Request.rank)] == ["b", "a"]
+
+
+def test_a_waiting_request_takes_its_nodes_new_load_and_keeps_its_share() -> None:
+    table = LeaseTable(parse_fleet_pulls(f"{H}=1"), ttl=30.0)
+    assert isinstance(table.request(H, "holder", "h", PullPriority.MISSING, 0.0), Lease)
+    assert table.request(H, "a", "a", PullPriority.MISSING, 1.0, load=2) is None
+    assert table.request(H, "b", "b", PullPriority.MISSING, 2.0, load=4) is None
+    # b's pods ended, a got a launch: asked again (as a waiting puller writes its request
+    # again), b now goes first; since and share stay those of the first ask.
+    assert table.request(H, "b", "b", PullPriority.MISSING, 3.0, load=0) is None
+    assert table.request(H, "a", "a", PullPriority.MISSING, 3.0, load=3) is None
+    requests = {r.token: r for r in table.requests()}
+    assert (requests["b"].since, requests["b"].share, requests["b"].load) == (2.0, 0, 0)
+    assert [g.token for g in table.release("h", 4.0)] == ["b"]
+    assert [g.token for g in table.release("b", 5.0)] == ["a"]
+
+
+def test_a_request_stored_without_a_load_reads_as_an_idle_node() -> None:
+    """Pullers of the release before this field write requests without it; they must
+    still be read (else their pulls would be invisible to every newer puller's order)."""
+    request = _request("tok", since=2.0, share=1, load=12)
+    assert decode_request(encode_request(request)) == request
+    old = json.loads(encode_request(request))
+    del old["load"]
+    assert decode_request(json.dumps(old).encode()) == replace(request, load=0)
+    old["load"] = -1
+    with pytest.raises(FleetPullsError, match="load must be a non-negative integer"):
+        decode_request(json.dumps(old).encode())
+
+
+class CountingEngine:
+    """`running_containers` answers from `counts`, one a call (an EngineError is raised),
+    once `gate` is open."""
+
+    def __init__(self, *counts: int | EngineError) -> None:
+        self.counts = list(counts)
+        self.calls = 0
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def running_containers(self) -> int:
+        self.calls += 1
+        await self.gate.wait()
+        answer = self.counts.pop(0)
+        if isinstance(answer, EngineError):
+            raise answer
+        return answer
+
+
+async def test_node_load_lists_at_most_every_few_seconds_and_survives_a_failed_listing() -> None:
+    clock = [100.0]
+    engine = CountingEngine(3, EngineError("engine_error", "cannot list containers"), 5)
+    load = NodeLoad(engine, max_age=5.0, clock=lambda: clock[0])
+    assert await load.current() == 3
+    clock[0] += 4.9
+    assert await load.current() == 3 and engine.calls == 1  # young enough: no listing
+    clock[0] += 0.1
+    assert await load.current() == 3 and engine.calls == 2  # failed: the last count stays
+    assert await load.current() == 3 and engine.calls == 2  # ...and is not asked at once
+    clock[0] += 5.0
+    engine.gate.clear()
+    both = asyncio.gather(load.current(), load.current())  # two waiting pulls, one listing
+    await asyncio.sleep(0)
+    engine.gate.set()
+    assert list(await both) == [5, 5] and engine.calls == 3
+
+
+@dataclass
+class _Listed:
+    containers: list[pb.Container]
+    requests: list[pb.ListContainersRequest] = field(default_factory=list)
+
+
+class _Runtime(runtime_grpc.RuntimeServiceServicer):
+    """A CRI runtime that lists every container whatever the filter (the engine must not
+    rely on a runtime's filtering)."""
+
+    def __init__(self, listed: _Listed) -> None:
+        self.listed = listed
+
+    async def ListContainers(self, request: Any, context: Any) -> pb.ListContainersResponse:
+        self.listed.requests.append(request)
+        return pb.ListContainersResponse(containers=self.listed.containers)
+
+
+async def test_the_cri_engine_counts_running_containers_not_exited_ones() -> None:
+    folder = Path(tempfile.mkdtemp(prefix="cedar-load-", dir="/tmp"))
+    listed = _Listed(
+        [
+            pb.Container(id="running-1", state=pb.CONTAINER_RUNNING),
+            pb.Container(id="exited", state=pb.CONTAINER_EXITED),
+            pb.Container(id="created", state=pb.CONTAINER_CREATED),
+            pb.Container(id="unknown", state=pb.CONTAINER_UNKNOWN),
+            pb.Container(id="running-2", state=pb.CONTAINER_RUNNING),
+        ]
+    )
+    server = aio.server()
+    # The stubs' servicer declares every call; the engine makes only this one here.
+    runtime = _Runtime(listed)  # type: ignore[abstract]
+    runtime_grpc.add_RuntimeServiceServicer_to_server(runtime, server)
+    server.add_insecure_port(f"unix://{folder / 'cri.sock'}")
+    await server.start()
+    engine = CriImageEngine(f"unix://{folder / 'cri.sock'}", node="n", call_timeout=5.0)
+    try:
+        assert await engine.running_containers() == 2
+        (request,) = listed.requests
+        assert request.filter.state.state == pb.CONTAINER_RUNNING  # the runtime may filter
+        listed.containers = []
+        assert await NodeLoad(engine).current() == 0
+    finally:
+        await engine.close()
+        await server.stop(None)
+        shutil.rmtree(folder, ignore_errors=True)

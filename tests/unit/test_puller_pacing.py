@@ -7,6 +7,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cedar.puller.errors import PullerConfigError
+from cedar.puller.lease_codec import (
+    decode_lease,
+    decode_request,
+    encode_lease,
+    encode_request,
+    lease_key,
+    request_key,
+)
 from cedar.puller.pacing import (
     FleetBudget,
     FleetPullsError,
@@ -17,16 +25,10 @@ from cedar.puller.pacing import (
     Request,
     Wait,
     decide,
-    decode_lease,
-    decode_request,
-    encode_lease,
-    encode_request,
-    lease_key,
     parse_fleet_pulls,
     priority_of,
     renew_due,
     renewed,
-    request_key,
     share_of,
     to_withdraw,
     without_store,

@@ -18,7 +18,10 @@ table stands for the NATS KV bucket; no puller crashes here, so leases are never
 left to expire), a warming node's pulls before missing images before refreshes, and a
 node's own refreshes waiting for a lease give way to its missing images
 (`pacing.to_withdraw`); and new nodes join with `cedar.io/warming:NoSchedule`, lifted when
-`cedar.puller.warmup.decide` says so.
+`cedar.puller.warmup.decide` says so. A lease request carries the node's load, read by
+Cedar's `cedar.puller.pulls.NodeLoad` from the simulated engine's running containers (at
+most `LOAD_MAX_AGE` old), and is asked again with the new load while it waits, as
+`LeaseStore.acquire` writes it again when the load changed.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from cedar.puller.plan import (
     plan,
 )
 from cedar.puller.prune import LocalImage, Scope, decide, is_desired
+from cedar.puller.pulls import NodeLoad
 from cedar.puller.warmup import decide as gate_decide
 from fleetsim.cedar_parts import (
     _DIGEST,
@@ -164,6 +168,8 @@ class CedarPuller:
         self.prune_due = 0.0
         self.local: dict[str, LocalImage] = {}
         self.attempts = 0
+        self.load = NodeLoad(node.engine, clock=lambda: self.sim.now)
+        self.load_ticking = False  # a look at the load of the waiting requests is due
 
     # --- life
 
@@ -421,14 +427,52 @@ class CedarPuller:
             attempt.priority = priority_of(
                 "refresh" if kind == "refresh" else "pull", node_warming=self.node.warming
             )
+            attempt.load = run_sync(self.load.current())
             granted = table.request(
-                ref.registry, self.node.name, attempt.token, attempt.priority, self.sim.now
+                ref.registry,
+                self.node.name,
+                attempt.token,
+                attempt.priority,
+                self.sim.now,
+                load=attempt.load,
             )
             if granted is None:
                 attempt.waiting = True
                 self.strategy.waiting[attempt.token] = (self, attempt)
+                self._tick_load()
                 return
         self.go(attempt)
+
+    def _tick_load(self) -> None:
+        if not self.load_ticking:
+            self.load_ticking = True
+            self.sim.at(self.sim.now + self.load.max_age, self._look_at_load)
+
+    def _look_at_load(self) -> None:
+        """LeaseStore.acquire's loop: a waiting request is written again with the node's
+        load when it changed (NodeLoad lists at most every `max_age`)."""
+        self.load_ticking = False
+        waiting = [a for a in self.in_flight.values() if a.waiting and not a.done]
+        table = self.strategy.table
+        if self.stopped or not waiting or table is None:
+            return
+        load = run_sync(self.load.current())
+        for attempt in waiting:
+            if attempt.load == load:
+                continue
+            attempt.load = load
+            granted = table.request(
+                attempt.registry,
+                self.node.name,
+                attempt.token,
+                attempt.priority,
+                self.sim.now,
+                load=load,
+            )
+            if granted is not None:
+                self.strategy.waiting.pop(attempt.token, None)
+                self.go(attempt)
+        self._tick_load()
 
     def go(self, attempt: Attempt) -> None:
         """The lease (if any) is held: the engine pull starts."""

@@ -2,14 +2,15 @@
 
 `SimProbe` is Cedar's `RegistryProbe` (breaker, cache, growing retry) whose only I/O, the
 `/v2/` GET, asks the simulated registry instead; `run_sync` runs its coroutine, which never
-waits here, without an event loop.
+waits here, without an event loop (as it runs `NodeLoad.current`, whose engine listing is
+the simulated engine's).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from cedar.puller.pacing import PullPriority
 from cedar.puller.plan import ImageRecord, parse_image
@@ -76,14 +77,19 @@ class SimProbe(RegistryProbe):
         return False, "ClientConnectorError"
 
 
-def run_sync(coro: Coroutine[Any, Any, bool]) -> bool:
-    """Run a coroutine that never waits (the probe's, over the simulated registry)."""
+T = TypeVar("T")
+
+
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine that never waits (the probe's over the simulated registry, the
+    node load's over the simulated engine)."""
     try:
         coro.send(None)
     except StopIteration as stop:
-        return bool(stop.value)
+        result: T = stop.value
+        return result
     coro.close()
-    raise RuntimeError("the registry probe waited on something in the simulation")
+    raise RuntimeError("a puller coroutine waited on something in the simulation")
 
 
 @dataclass(eq=False)
@@ -98,6 +104,7 @@ class Attempt:
     pull: Pull | None = None
     callback: Callable[[bool, str], None] | None = None
     registry: str = ""
+    load: int = 0  # the node's load its lease request carries
 
 
 @dataclass

@@ -8,6 +8,10 @@
   image frees the layers no other image uses; a pull cut short keeps its complete layers.
 - `Pull`: one engine-level pull, through its registry (fleetsim/registry.py).
 
+`NodeEngine.running_containers` is the engine's answer to the puller's container listing
+(`ImageEngine.running_containers`): the containers the simulation runs on the node, the
+DaemonSet's pod and the tenants' pods that started (a pod waiting for its image runs none).
+
 Failure messages are the engine's own texts, so that Cedar's classifier sorts them.
 """
 
@@ -236,6 +240,10 @@ class NodeEngine:
 
     def has(self, ref: str) -> bool:
         return ref in self.images
+
+    async def running_containers(self) -> int:
+        """ImageEngine.running_containers: one container per started pod (never waits)."""
+        return sum(present.in_use for present in self.images.values())
 
     def digest(self, ref: str) -> str | None:
         present = self.images.get(ref)

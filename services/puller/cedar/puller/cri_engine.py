@@ -3,9 +3,10 @@
 I/O: the runtime's CRI socket (CEDAR_CRI_ENDPOINT) through grpc.aio, and only these calls of
 runtime.v1 (kubernetes/cri-api pkg/apis/runtime/v1/api.proto): ImageService PullImage,
 ListImages, ImageStatus, RemoveImage and ImageFsInfo; RuntimeService Version and
-ListContainers. The images it pulls land in the store the kubelet reads (containerd's
-`k8s.io` namespace, CRI-O's containers/storage), which is the point: on a CRI node the
-Docker engine's store is one the kubelet never looks at.
+ListContainers (which images containers use; how many run). The images it pulls land in
+the store the kubelet reads (containerd's `k8s.io` namespace, CRI-O's containers/storage),
+which is the point: on a CRI node the Docker engine's store is one the kubelet never looks
+at.
 
 Every failure is an `EngineError` with the reason the rest of the puller acts on, from the
 gRPC status code where it says enough (DEADLINE_EXCEEDED: timeout, NOT_FOUND: not_found,
@@ -292,12 +293,12 @@ class CriImageEngine:
                 raise self.unreachable(err, "read an image's labels") from err
             self._labels[image_id] = labels_from_info(status.info)
 
-    async def _containers(self) -> list[pb.Container]:
+    async def _containers(self, only: pb.ContainerFilter | None = None) -> list[pb.Container]:
         _, runtime = self._stubs()
         try:
-            # No filter: every container, created, running, exited or unknown.
+            # Without a filter: every container, created, running, exited or unknown.
             listed = await runtime.ListContainers(
-                pb.ListContainersRequest(), timeout=self.call_timeout
+                pb.ListContainersRequest(filter=only), timeout=self.call_timeout
             )
         except aio.AioRpcError as err:
             raise self.unreachable(err, "list containers") from err
@@ -320,6 +321,13 @@ class CriImageEngine:
             if image.id in names or names & image.references():
                 used.add(image.id)
         return used
+
+    async def running_containers(self) -> int:
+        """Containers in state CONTAINER_RUNNING. The runtime filters the listing (less to
+        send on a node with many exited containers); the state is checked here as well."""
+        running = pb.ContainerFilter(state=pb.ContainerStateValue(state=pb.CONTAINER_RUNNING))
+        listed = await self._containers(running)
+        return sum(1 for c in listed if c.state == pb.CONTAINER_RUNNING)
 
     async def remove(self, image: LocalImage) -> None:
         """Remove an image by id, never one a container uses.

@@ -1,13 +1,15 @@
 """The node's Docker engine as an `ImageEngine`, through aiodocker.
 
 I/O: the Docker engine API at DOCKER_HOST, and only these calls: version, pull, list images,
-list containers (which images they use), remove an image without force. Every failure is
-an `EngineError` whose reason comes from the engine's message (engine.classify).
+list containers (which images they use; how many run), remove an image without force.
+Every failure is an `EngineError` whose reason comes from the engine's message
+(engine.classify).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -106,6 +108,19 @@ class DockerImageEngine:
         except (aiodocker.DockerError, aiohttp.ClientError, OSError) as err:
             raise EngineError("engine_error", f"cannot list containers: {err!r}") from err
         return {str(c.get("ImageID", "")) for c in raw if c.get("ImageID")}
+
+    async def running_containers(self) -> int:
+        """Containers in state `running` (`docker ps --filter status=running`)."""
+        try:
+            raw = await self.docker._query_json(
+                "containers/json",
+                method="GET",
+                params={"filters": json.dumps({"status": ["running"]})},
+            )
+        except (aiodocker.DockerError, aiohttp.ClientError, OSError) as err:
+            raise EngineError("engine_error", f"cannot list containers: {err!r}") from err
+        # Counted here too: the filter is the engine's, the state is what is meant.
+        return sum(1 for c in raw if c.get("State") == "running")
 
     async def remove(self, image: LocalImage) -> None:
         """Remove an image without force: the engine itself refuses if a container uses it."""

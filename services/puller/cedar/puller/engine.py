@@ -106,6 +106,11 @@ class ImageEngine(Protocol):
 
     async def used_image_ids(self) -> set[str]: ...
 
+    async def running_containers(self) -> int:
+        """How many containers run on the node now (created, exited or paused ones do not
+        count): the node's load, in the order of fleet lease requests (pacing.py)."""
+        ...
+
     async def remove(self, image: LocalImage) -> None: ...
 
     async def close(self) -> None: ...
@@ -137,6 +142,9 @@ class DryRunEngine:
 
     async def used_image_ids(self) -> set[str]:
         return set()
+
+    async def running_containers(self) -> int:
+        return 0
 
     async def remove(self, image: LocalImage) -> None:
         self._present = {k: v for k, v in self._present.items() if v.id != image.id}

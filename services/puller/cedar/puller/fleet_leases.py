@@ -8,9 +8,10 @@ bucket, writes requests and leases, renews and releases them.
 How (pacing.py's docstring has why a KV bucket with per-key TTL):
 
 - A pull from a paced registry first writes its **request** `wait.<registry>.<token>` with
-  a per-message TTL (`Nats-TTL`, the lease TTL), refreshed while it waits. Every puller
-  follows the bucket (last message per key, then every change), so each one sees the same
-  leases and requests and computes the same order (`pacing.decide`).
+  a per-message TTL (`Nats-TTL`, the lease TTL), refreshed while it waits, and written
+  again when the node's load (its running containers, part of the order) has changed.
+  Every puller follows the bucket (last message per key, then every change), so each one
+  sees the same leases and requests and computes the same order (`pacing.decide`).
 - When `decide` grants slot N, the puller **creates** `lease.<registry>.<N>`: creation
   fails if the key exists, so two pullers never hold one slot and at most `budget` leases
   exist per registry, whatever the views say. It then removes its request. A slot whose
@@ -40,7 +41,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, replace
 
 from nats.aio.msg import Msg
@@ -52,6 +53,15 @@ from nats.js.kv import KeyValue
 from cedar.proto import subjects
 from cedar.proto.imageref import canonical_registry
 from cedar.puller import metrics
+from cedar.puller.lease_codec import (
+    decode_lease,
+    decode_request,
+    encode_lease,
+    encode_request,
+    lease_key,
+    registry_key,
+    request_key,
+)
 from cedar.puller.pacing import (
     FleetBudget,
     FleetPullsError,
@@ -60,15 +70,8 @@ from cedar.puller.pacing import (
     PullPriority,
     Request,
     decide,
-    decode_lease,
-    decode_request,
-    encode_lease,
-    encode_request,
-    lease_key,
     live,
-    registry_key,
     renew_due,
-    request_key,
     share_of,
     without_store,
 )
@@ -281,9 +284,17 @@ class LeaseStore:
         metrics.FLEET_GRANTS.labels(result="unavailable").inc()
         return Held(request.registry, request.token, None, 0, grant.reason)
 
-    async def acquire(self, registry: str, token: str, priority: PullPriority) -> Held:
+    async def acquire(
+        self,
+        registry: str,
+        token: str,
+        priority: PullPriority,
+        *,
+        load: Callable[[], Awaitable[int]] | None = None,
+    ) -> Held:
         """Wait for a lease of `registry` (at once when it is not paced or the store is
-        unavailable). Cancelling withdraws the request."""
+        unavailable). `load` gives the node's running containers, read when the request is
+        written and at each look while it waits. Cancelling withdraws the request."""
         host = canonical_registry(registry)
         limit = self.budget.limit_for(host)
         if limit is None:
@@ -296,7 +307,11 @@ class LeaseStore:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._loaded.wait(), _VIEW_PATIENCE)
         leases, requests = self._seen(now)
-        request = replace(request, share=share_of(self.holder, host, leases, requests, now))
+        request = replace(
+            request,
+            share=share_of(self.holder, host, leases, requests, now),
+            load=await load() if load is not None else 0,
+        )
         gauge = metrics.FLEET_WAITING.labels(registry=host)
         gauge.inc()
         news = asyncio.Event()
@@ -309,9 +324,11 @@ class LeaseStore:
             while True:
                 if not self._available():
                     return self._fallback(request)
+                current = await load() if load is not None else request.load
                 now = self.clock()
-                if now >= request.expires_at - self.ttl * 2.0 / 3.0:  # as renew_due
-                    request = replace(request, expires_at=now + self.ttl)
+                # Refreshed as renew_due says, and at once when the node's load changed.
+                if now >= request.expires_at - self.ttl * 2.0 / 3.0 or current != request.load:
+                    request = replace(request, expires_at=now + self.ttl, load=current)
                     await self._write_request(request)
                 news.clear()
                 leases, requests = self._seen(now)

@@ -14,8 +14,11 @@ node whose warm-up gate is still closed (a new node, empty cache) before a missi
 a warm node, before a refresh. Within a priority, by `share`, the number of leases and
 requests its node already had for that registry when it asked (a node's first pull before
 any node's second): the budget spreads over nodes instead of piling onto a few, whose own
-bandwidth would then bound the registry's throughput. Then first come, first served, then
-by holder and token, so that every node computes the same order from the same data.
+bandwidth would then bound the registry's throughput. Within a share, by `load`, the
+containers running on the node (kept current while the request waits): the scheduler puts
+the next launches on the least loaded nodes (kube-scheduler's default scoring, for alike
+pods), so those should have the new images first. Then first come, first served, then by
+holder and token, so that every node computes the same order from the same data.
 A request may take a slot only when fewer requests rank ahead of it than slots are free,
 and it takes the free slot whose index is its rank among the waiters: requests that see the
 same table choose different slots, so compare-and-set races are rare.
@@ -37,14 +40,12 @@ atomically, which create/update-with-revision and the TTL give without a coordin
 
 from __future__ import annotations
 
-import hashlib
 import heapq
-import json
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import MISSING, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from enum import IntEnum
-from typing import Any, Literal, TypeVar
+from typing import Literal, TypeVar
 
 from cedar.proto.imageref import canonical_registry
 from cedar.puller.errors import PullerConfigError
@@ -152,6 +153,10 @@ def _count(entry: str, text: str) -> int:
 # --- leases and requests -------------------------------------------------------------------
 
 
+# The order of requests (lower first): priority, share, load, since, holder, token.
+Rank = tuple[int, int, int, float, str, str]
+
+
 @dataclass(frozen=True, slots=True)
 class Request:
     """One pull waiting for a lease of `registry`."""
@@ -163,9 +168,12 @@ class Request:
     since: float  # when the request was first made
     expires_at: float  # lapses unless refreshed while waiting
     share: int = 0  # the holder's leases and requests of this registry when it asked
+    # Containers running on the holder's node, as of the request's last write. Requests
+    # stored by pullers that did not send it read as 0.
+    load: int = 0
 
-    def rank(self) -> tuple[int, int, float, str, str]:
-        return (int(self.priority), self.share, self.since, self.holder, self.token)
+    def rank(self) -> Rank:
+        return (int(self.priority), self.share, self.load, self.since, self.holder, self.token)
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,80 +273,6 @@ def to_withdraw(
     return lower[: max(count, 0)]
 
 
-# --- keys and values in the lease bucket ---------------------------------------------------
-
-
-def registry_key(registry: str) -> str:
-    """A KV key token for a registry host (hosts contain '.', ':' and '[')."""
-    return hashlib.sha256(canonical_registry(registry).encode()).hexdigest()[:16]
-
-
-def lease_key(registry: str, slot: int) -> str:
-    return f"lease.{registry_key(registry)}.{slot}"
-
-
-def request_key(registry: str, token: str) -> str:
-    return f"wait.{registry_key(registry)}.{hashlib.sha256(token.encode()).hexdigest()[:24]}"
-
-
-def _encode(item: Lease | Request) -> bytes:
-    value = {f.name: getattr(item, f.name) for f in fields(item)}
-    value["priority"] = item.priority.name.lower()
-    return json.dumps(value, sort_keys=True).encode()
-
-
-def encode_lease(lease: Lease) -> bytes:
-    return _encode(lease)
-
-
-def encode_request(request: Request) -> bytes:
-    return _encode(request)
-
-
-def _decode(data: bytes, cls: type[Lease] | type[Request]) -> dict[str, Any]:
-    what = cls.__name__.lower()
-    try:
-        value = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise FleetPullsError(f"stored {what} is not JSON: {err}") from None
-    if not isinstance(value, dict):
-        raise FleetPullsError(f"stored {what} is not an object")
-    missing = [f.name for f in fields(cls) if f.name not in value and f.default is MISSING]
-    if missing:
-        raise FleetPullsError(f"stored {what} lacks {', '.join(missing)}")
-    out: dict[str, Any] = {}
-    for f in fields(cls):
-        if f.name not in value:
-            continue
-        raw = value[f.name]
-        if f.name == "priority":
-            if str(raw).upper() not in PullPriority.__members__:
-                raise FleetPullsError(f"stored {what} has an unknown priority {raw!r}")
-            out[f.name] = PullPriority[str(raw).upper()]
-        elif f.type == "int":
-            if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
-                raise FleetPullsError(
-                    f"stored {what}: {f.name} must be a non-negative integer, not {raw!r}"
-                )
-            out[f.name] = raw
-        elif f.type == "float":
-            if isinstance(raw, bool) or not isinstance(raw, int | float):
-                raise FleetPullsError(f"stored {what}: {f.name} must be a number, not {raw!r}")
-            out[f.name] = float(raw)
-        else:
-            out[f.name] = str(raw)
-    return out
-
-
-def decode_lease(data: bytes) -> Lease:
-    """A stored lease; raises FleetPullsError (never a bare KeyError) on bad data."""
-    return Lease(**_decode(data, Lease))
-
-
-def decode_request(data: bytes) -> Request:
-    return Request(**_decode(data, Request))
-
-
 def share_of(
     holder: str, registry: str, leases: Iterable[Lease], waiting: Iterable[Request], now: float
 ) -> int:
@@ -370,7 +304,7 @@ class LeaseTable:
         self._requests: dict[str, Request] = {}  # token -> waiting request
         self._held: dict[str, set[str]] = {}  # registry -> tokens holding a lease
         self._free: dict[str, list[int]] = {}  # registry -> heap of free slots
-        self._queue: dict[str, list[tuple[tuple[int, int, float, str, str], str]]] = {}
+        self._queue: dict[str, list[tuple[Rank, str]]] = {}
         # (registry, holder) -> its leases and requests: the `share` of its next request
         self._outstanding: dict[tuple[str, str], int] = {}
         self.peak: dict[str, int] = {}  # registry -> most leases held at once
@@ -389,11 +323,19 @@ class LeaseTable:
         return list(self._requests.values())
 
     def request(
-        self, registry: str, holder: str, token: str, priority: PullPriority, now: float
+        self,
+        registry: str,
+        holder: str,
+        token: str,
+        priority: PullPriority,
+        now: float,
+        *,
+        load: int = 0,
     ) -> Lease | Grant | None:
         """A Lease when granted now, Grant(slot=None) when the registry is not paced, None
         to wait (then `release()` or `expire()` hands the lease over later). Asking again
-        with the same token keeps the request's place and refreshes it."""
+        with the same token refreshes the request: it keeps its share and `since`, and
+        takes the node's `load` now (its place moves if the load changed)."""
         host = canonical_registry(registry)
         limit = self.budget.limit_for(host)
         if limit is None:
@@ -409,7 +351,7 @@ class LeaseTable:
             since = now
         else:
             share, since = previous.share, previous.since
-        mine = Request(host, holder, token, priority, since, now + self.ttl, share)
+        mine = Request(host, holder, token, priority, since, now + self.ttl, share, load)
         self._requests[token] = mine
         if previous is None or previous.rank() != mine.rank():
             heapq.heappush(self._queue.setdefault(host, []), (mine.rank(), token))

@@ -5,15 +5,20 @@ file (credentials.py), the fleet's lease store (fleet_leases.py: a pull from a r
 with a fleet budget waits for a lease, still holding its local slot) and
 `pull`/`pulled`/`failed` decisions (status.py); the pull metrics. How each outcome moves
 the image's record is decided by plan.py. A pull waiting for a lease can be withdrawn
-(`withdraw`): its record goes back to what it was, nothing is counted as failed.
+(`withdraw`): its record goes back to what it was, nothing is counted as failed. A lease
+request carries the node's load, the containers the engine says run (`NodeLoad`: one
+listing at most every few seconds, shared by the pulls waiting then, none while nothing
+waits).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from cedar.proto.imageref import ImageReference, parse
 from cedar.puller import metrics
@@ -33,6 +38,62 @@ from cedar.puller.plan import (
 )
 from cedar.puller.registry import RegistryProbe
 from cedar.puller.status import StatusPublisher
+
+log = logging.getLogger("cedar.puller")
+
+# How old the node's load may be when a lease request is written or refreshed.
+LOAD_MAX_AGE = 5.0
+
+
+class RunningContainers(Protocol):
+    """The part of an `ImageEngine` that `NodeLoad` uses."""
+
+    async def running_containers(self) -> int: ...
+
+
+class NodeLoad:
+    """The containers running on the node, as the engine lists them, at most `max_age`
+    seconds old. Pulls waiting for a fleet lease ask it when they write their request
+    and while they wait: one listing serves them all. A listing that fails keeps the last
+    count (the order of the fleet's requests is not worth failing or delaying a pull)."""
+
+    def __init__(
+        self,
+        engine: RunningContainers,
+        *,
+        max_age: float = LOAD_MAX_AGE,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.engine = engine
+        self.max_age = max_age
+        self.clock = clock
+        self.count = 0
+        self._read_at: float | None = None
+        self._lock = asyncio.Lock()  # two waiters, one listing
+        self._warned = False
+
+    def _fresh(self) -> bool:
+        return self._read_at is not None and self.clock() - self._read_at < self.max_age
+
+    async def current(self) -> int:
+        if self._fresh():
+            return self.count
+        async with self._lock:
+            if self._fresh():
+                return self.count  # listed by the waiter that held the lock
+            try:
+                self.count = await self.engine.running_containers()
+                self._warned = False
+            except EngineError as err:
+                if not self._warned:
+                    self._warned = True
+                    log.warning(
+                        "cannot count the node's running containers; lease requests keep "
+                        "the last count",
+                        extra={"count": self.count, "error": err.message},
+                    )
+            self._read_at = self.clock()
+        return self.count
 
 
 class Pulls:
@@ -64,6 +125,7 @@ class Pulls:
         self.dirty = dirty  # set when a pull ends, so that the next reconcile sees it
         self.leases = leases  # None: no fleet budget (or a dry run)
         self.warming = warming  # the node's warm-up gate is closed: its pulls come first
+        self.load = NodeLoad(engine)  # sent with lease requests: least loaded nodes first
         self.in_flight: dict[str, asyncio.Task[None]] = {}
         self.waiting: dict[str, PullPriority] = {}  # in flight, waiting for a fleet lease
         self.max_in_flight = 0  # observed, for tests and the benchmark
@@ -128,7 +190,8 @@ class Pulls:
         priority = priority_of(kind, node_warming=self.warming())
         self.waiting[image] = priority
         try:
-            return await self.leases.acquire(registry, self.leases.new_token(image), priority)
+            token = self.leases.new_token(image)
+            return await self.leases.acquire(registry, token, priority, load=self.load.current)
         except asyncio.CancelledError:
             if image in self.waiting:
                 raise  # not a withdrawal: the puller stops
