@@ -333,7 +333,7 @@ def labelled_distinct(api: KubeAPI) -> bool:
     return len(levels) == len(set(levels))
 
 
-async def test_services_stay_flat_under_continuous_churn(sandbox: Sandbox) -> None:
+async def test_services_stay_flat_under_continuous_churn(sandbox: Sandbox, tmp_path: Path) -> None:
     seconds = soak_seconds()
     if seconds is None:
         pytest.fail("CEDAR_SOAK_SECONDS must be a whole number of seconds, at least 120")
@@ -375,6 +375,10 @@ async def test_services_stay_flat_under_continuous_churn(sandbox: Sandbox) -> No
         verdicts = [verdict(name, samples, seconds) for name in SERVICES]
         for v in verdicts:
             print(v.line())
+        # Kept whether the test passes or not (pytest shows prints only with -s).
+        (tmp_path / "soak.txt").write_text(
+            table(samples) + "\n" + "\n".join(v.line() for v in verdicts) + "\n"
+        )
         complaints = {name: s.complaints() for name, s in sandbox.services.items()}
         for name, found in complaints.items():
             for (level, msg), count in found.most_common(10):
