@@ -362,3 +362,30 @@ async def test_the_cri_engine_counts_running_containers_not_exited_ones() -> Non
         await engine.close()
         await server.stop(None)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_the_store_failure_warning_is_given_again_after_the_store_came_back(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from cedar.puller.fleet_leases import LeaseStore
+    from cedar.runtime.errors import BusError
+
+    store = LeaseStore(
+        bus=None,  # type: ignore[arg-type]
+        kv=None,  # type: ignore[arg-type]
+        budget=parse_fleet_pulls(f"{H}=1"),
+        holder="n1",
+        ttl=3,
+    )
+    caplog.set_level("INFO", logger="cedar.puller.fleet")
+
+    def warnings() -> int:
+        return sum("store unavailable" in r.getMessage() for r in caplog.records)
+
+    store._store_failed("claim", BusError("down"))
+    store._store_failed("claim", BusError("down"))
+    assert warnings() == 1  # once per outage, not once per failed write
+    store._store_back()
+    assert any("available again" in r.getMessage() for r in caplog.records)
+    store._store_failed("claim", BusError("down again"))
+    assert warnings() == 2
