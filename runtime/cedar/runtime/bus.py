@@ -101,7 +101,7 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig, *, update: b
     With `update=False` (a stream another service owns: its NATS user may create it but
     not change it) an existing stream is left as it is. An update keeps where each of the
     stream's sources started: a source given a start sequence once (when the layout was
-    moved, `cedar.runtime.history_layout`) would otherwise copy its origin from the start.
+    moved, `cedar.runtime.sourcing`) would otherwise copy its origin from the start.
     """
     assert config.name is not None
     if not update:

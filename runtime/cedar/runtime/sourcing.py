@@ -47,6 +47,18 @@ async def sources_caught_up(
         await asyncio.sleep(poll)
 
 
+async def wait_for_copies(js: JetStreamContext, stream: str, *, within: float) -> None:
+    """`sources_caught_up`, saying so when it did not: the caller then reads `stream` as
+    it is (what was stored in the history just before may be missing from it)."""
+    if not await sources_caught_up(js, stream, within=within):
+        log.warning(
+            "%s has not caught up with %s after %.0fs; reading it as it is",
+            stream,
+            subjects.STREAM_HISTORY,
+            within,
+        )
+
+
 async def move_to_history_first(js: JetStreamContext, configs: Sequence[StreamConfig]) -> bool:
     """If CEDAR_HISTORY still sources the last-value streams, turn the sourcing around
     (when `configs` holds all three streams); whether it did.

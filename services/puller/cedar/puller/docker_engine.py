@@ -99,26 +99,21 @@ class DockerImageEngine:
             raise EngineError("engine_error", f"cannot list images: {err!r}") from err
         return [_local_image(r) for r in raw]
 
-    async def used_image_ids(self) -> set[str]:
-        """Images of every container, created, running or exited."""
+    async def _containers(self, params: dict[str, str]) -> list[dict[str, Any]]:
         try:
-            raw = await self.docker._query_json(
-                "containers/json", method="GET", params={"all": "true"}
-            )
+            raw = await self.docker._query_json("containers/json", method="GET", params=params)
         except (aiodocker.DockerError, aiohttp.ClientError, OSError) as err:
             raise EngineError("engine_error", f"cannot list containers: {err!r}") from err
+        return list(raw)
+
+    async def used_image_ids(self) -> set[str]:
+        """Images of every container, created, running or exited."""
+        raw = await self._containers({"all": "true"})
         return {str(c.get("ImageID", "")) for c in raw if c.get("ImageID")}
 
     async def running_containers(self) -> int:
         """Containers in state `running` (`docker ps --filter status=running`)."""
-        try:
-            raw = await self.docker._query_json(
-                "containers/json",
-                method="GET",
-                params={"filters": json.dumps({"status": ["running"]})},
-            )
-        except (aiodocker.DockerError, aiohttp.ClientError, OSError) as err:
-            raise EngineError("engine_error", f"cannot list containers: {err!r}") from err
+        raw = await self._containers({"filters": json.dumps({"status": ["running"]})})
         # Counted here too: the filter is the engine's, the state is what is meant.
         return sum(1 for c in raw if c.get("State") == "running")
 

@@ -27,7 +27,7 @@ from cedar.puller import metrics
 from cedar.puller.desired import Change, DesiredSet
 from cedar.runtime.bus import Bus, BusError, bus_errors
 from cedar.runtime.health import Health
-from cedar.runtime.sourcing import sources_caught_up
+from cedar.runtime.sourcing import wait_for_copies
 
 log = logging.getLogger("cedar.puller")
 
@@ -73,15 +73,7 @@ class DesiredFeed:
         with bus_errors("follow the workloads"):
             # CEDAR_WORKLOADS copies the history: what is "everything there is" for the
             # initial pass (and the warm-up gate) is what it holds once it has caught up.
-            if not await sources_caught_up(
-                self.bus.js, subjects.STREAM_WORKLOADS, within=_CATCH_UP_WAIT
-            ):
-                log.warning(
-                    "%s has not caught up with %s after %.0fs; reading it as it is",
-                    subjects.STREAM_WORKLOADS,
-                    subjects.STREAM_HISTORY,
-                    _CATCH_UP_WAIT,
-                )
+            await wait_for_copies(self.bus.js, subjects.STREAM_WORKLOADS, within=_CATCH_UP_WAIT)
             info = await self.bus.js.stream_info(subjects.STREAM_WORKLOADS)
             self._last_seq = info.state.last_seq
             self._subscription = await self.bus.js.subscribe(

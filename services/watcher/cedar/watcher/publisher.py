@@ -36,7 +36,7 @@ from cedar.proto import subjects
 from cedar.runtime.backoff import Backoff
 from cedar.runtime.bus import Bus, bus_errors
 from cedar.runtime.errors import BusError, BusUnavailable
-from cedar.runtime.sourcing import sources_caught_up
+from cedar.runtime.sourcing import wait_for_copies
 from cedar.watcher import metrics
 from cedar.watcher.messages import (
     DELETED_DIGEST,
@@ -202,13 +202,7 @@ class Publisher:
         Reading too early is safe, only wasteful: an unchanged workload read as missing is
         published again, and the history's duplicate window drops it."""
         with bus_errors(f"read the sourcing state of {stream}"):
-            if not await sources_caught_up(self.bus.js, stream, within=self.seed_wait):
-                log.warning(
-                    "%s has not caught up with %s after %.0fs; reading it as it is",
-                    stream,
-                    subjects.STREAM_HISTORY,
-                    self.seed_wait,
-                )
+            await wait_for_copies(self.bus.js, stream, within=self.seed_wait)
 
     async def _seed_one(self, kind: str, stream: str, flt: str) -> int:
         js = self.bus.js
