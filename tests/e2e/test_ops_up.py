@@ -5,10 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import shutil
 import signal
-import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,19 +13,16 @@ import pytest
 
 from cedar.sandbox.dockerd import DockerEngine
 from cedar.sandbox.kubeapi import KubeAPI
-from cedar.sandbox.procs import free_port, kill_pid, pid_alive
-from tests.e2e.test_ops_support import REPO_ROOT, cedar
+from cedar.sandbox.procs import free_port, pid_alive
+from tests.e2e.test_ops_support import cedar
+from tests.harness import cedar_up
 from tests.harness.registry import ImageMaker
 
 
 @pytest.fixture
 def short_state_dir() -> Iterator[Path]:
-    # The private dockerd's unix sockets live under it: keep the path short.
-    path = Path(tempfile.mkdtemp(prefix="cedar-up-", dir="/tmp"))
-    try:
+    with cedar_up.short_state_dir("cedar-up-") as path:  # the private dockerd's sockets
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _pids_mentioning(fragment: str) -> list[int]:
@@ -48,40 +42,20 @@ def _pids_mentioning(fragment: str) -> list[int]:
 async def test_up_sandbox_pulls_labels_and_stops_everything_on_ctrl_c(
     short_state_dir: Path,
 ) -> None:
-    out_path = short_state_dir / "up.out"
     env = {k: v for k, v in os.environ.items() if k not in ("DOCKER_HOST", "CEDAR_NATS_URL")}
     # No Docker engine and no NATS answer: cedar up starts its own of both.
     env["DOCKER_HOST"] = f"unix://{short_state_dir}/no-such.sock"
-    with out_path.open("wb") as out:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "cedar.cli",
-            "up",
-            "--sandbox",
-            "--interval",
-            "0.5",
-            "--state-dir",
-            str(short_state_dir),
-            stdout=out,
-            stderr=asyncio.subprocess.STDOUT,
-            env=env,
-            cwd=REPO_ROOT,
+    async with cedar_up.sandbox_up(short_state_dir, env) as (proc, out_path):
+        text = await cedar_up.wait_for_output(
+            proc,
+            out_path,
+            lambda t: (
+                re.search(r"sandbox-node-1\s+\S+/tenants/web:v1\s+present", t)
+                and re.search(r"team-alpha\s+s0:c\d+,c\d+", t)
+            ),
+            240,
+            "no image pulled and namespace labelled",
         )
-    try:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 240
-        text = ""
-        while loop.time() < deadline:
-            text = out_path.read_text(errors="replace")
-            pulled = re.search(r"sandbox-node-1\s+\S+/tenants/web:v1\s+present", text)
-            labelled = re.search(r"team-alpha\s+s0:c\d+,c\d+", text)
-            if pulled and labelled:
-                break
-            assert proc.returncode is None, text
-            await asyncio.sleep(0.5)
-        else:
-            raise AssertionError(f"no image pulled and namespace labelled:\n{text}")
         assert "simulated:\n    Kubernetes API http://127.0.0.1:" in text
         assert "(embedded nats-server, pid" in text
         assert "(private dockerd, pid" in text
@@ -99,10 +73,6 @@ async def test_up_sandbox_pulls_labels_and_stops_everything_on_ctrl_c(
         assert [p for p in pids if pid_alive(p)] == []
         # containerd and its shims are dockerd's, started in sessions of their own: gone too.
         assert _pids_mentioning(str(short_state_dir)) == []
-    finally:
-        if proc.returncode is None:
-            kill_pid(proc.pid)
-            await proc.wait()
 
 
 async def test_up_against_a_cluster_with_embedded_nats_exits_when_ready(

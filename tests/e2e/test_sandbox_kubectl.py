@@ -13,14 +13,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from cedar.sandbox.procs import kill_pid
 from tests.e2e.test_ops_support import REPO_ROOT
+from tests.harness import cedar_up
 
 
 def _kubectl() -> str | None:
@@ -37,30 +36,8 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture
 def state_dir() -> Iterator[Path]:
-    # The private dockerd's unix sockets live under it: keep the path short.
-    path = Path(tempfile.mkdtemp(prefix="cedar-kc-", dir="/tmp"))
-    try:
+    with cedar_up.short_state_dir("cedar-kc-") as path:  # the private dockerd's sockets
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _read(path: Path) -> str:
-    return path.read_text(errors="replace")
-
-
-async def _wait_for(
-    out: Path, pattern: str, proc: asyncio.subprocess.Process, within: float
-) -> str:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while loop.time() < deadline:
-        text = _read(out)
-        if re.search(pattern, text):
-            return text
-        assert proc.returncode is None, text
-        await asyncio.sleep(0.3)
-    raise AssertionError(f"{pattern!r} never appeared:\n{_read(out)}")
 
 
 async def _eventually_in_status(
@@ -87,21 +64,13 @@ async def _eventually_in_status(
 
 async def test_kubectl_changes_a_workload_and_the_sandbox_warms_it(state_dir: Path) -> None:
     assert KUBECTL is not None
-    out_path = state_dir / "up.out"
     env = {k: v for k, v in os.environ.items() if k not in ("DOCKER_HOST", "CEDAR_NATS_URL")}
     env["DOCKER_HOST"] = f"unix://{state_dir}/no-such.sock"
-    with out_path.open("wb") as out:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            *("-m", "cedar.cli", "up", "--sandbox", "--interval", "0.5"),
-            *("--state-dir", str(state_dir)),
-            stdout=out,
-            stderr=asyncio.subprocess.STDOUT,
-            env=env,
-            cwd=REPO_ROOT,
+    async with cedar_up.sandbox_up(state_dir, env) as (proc, out_path):
+        labelled = r"team-alpha\s+s0:c\d+,c\d+"
+        text = await cedar_up.wait_for_output(
+            proc, out_path, lambda t: re.search(labelled, t), 240, f"{labelled!r} never appeared"
         )
-    try:
-        text = await _wait_for(out_path, r"team-alpha\s+s0:c\d+,c\d+", proc, 240)
         kubeconfig = re.search(r"export KUBECONFIG=(\S+)", text)
         registry = re.search(r"registry (127\.0\.0\.1:\d+)", text)
         nats_url = re.search(r"CEDAR_NATS_URL=(\S+) cedar status", text)
@@ -139,7 +108,3 @@ async def test_kubectl_changes_a_workload_and_the_sandbox_warms_it(state_dir: Pa
 
         proc.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(proc.wait(), 90) == 0
-    finally:
-        if proc.returncode is None:
-            kill_pid(proc.pid)
-            await proc.wait()
