@@ -11,6 +11,7 @@ from typing import Any
 from cedar.watcher.messages import DELETED_DIGEST, Outgoing
 from cedar.watcher.outbox import Outbox, StoredRecord
 from cedar.watcher.watch_state import WatchState
+from tests.unit.test_watcher_state import publish_all
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 WEB = "cedar.workloads.Deployment.t.web"
@@ -67,16 +68,6 @@ def new_state(outbox: Outbox | None = None, previous: int = 1) -> WatchState:
         clock=lambda: NOW,
         wall=lambda: 1.0,
     )
-
-
-def publish_all(outbox: Outbox) -> list[Outgoing]:
-    """What a publisher with a perfect connection would store, in order."""
-    stored: list[Outgoing] = []
-    while outbox.pending:
-        for out in outbox.take(1000):
-            outbox.ack(out)
-            stored.append(out)
-    return stored
 
 
 class KeepsDeletedRecords(Outbox):
