@@ -545,6 +545,51 @@ async def test_a_node_running_containers_waits_behind_an_idle_node(
     assert [lease.holder for _, lease in bucket.leases()] == ["blocker", "idle", "busy"]
 
 
+async def test_among_idle_nodes_the_image_most_of_a_nodes_workloads_use_goes_first(
+    nats_url: str, registry: Registry, make_images: ImageMaker, fleet_factory: Any
+) -> None:
+    first_ref, second_ref, focused_ref = await make_images.make(3, 256 * 1024)
+    async with SlowProxy(registry, RATE) as proxy, follow_bucket(nats_url) as bucket:
+        first_ref, second_ref = proxy.ref(first_ref), proxy.ref(second_ref)
+        focused_ref = proxy.ref(focused_ref)
+        budget = f"{proxy.host}=1"
+        fleet = fleet_factory(budget)
+        async with blocker(nats_url, proxy.host, budget) as held:
+            # A node whose two workloads use an image each asks first, for both...
+            fleet.start("spread", "spread")
+            await publish(
+                nats_url,
+                workload("spread-a", "spread", first_ref),
+                workload("spread-b", "spread", second_ref),
+            )
+            await eventually(
+                lambda: len(bucket.waiting("spread")) == 2, 30, "spread waits", details=fleet.logs
+            )
+            # ...then a node whose one workload uses its image, for the same registry.
+            fleet.start("focused", "focused")
+            await publish(nats_url, workload("focused", "focused", focused_ref))
+            await eventually(
+                lambda: bucket.waiting("focused"), 30, "focused waits", details=fleet.logs
+            )
+            spread = bucket.waiting("spread")
+            (focused,) = bucket.waiting("focused")
+            assert sorted(r.want for r in spread) == [0.5, 0.5]
+            assert focused.want == 1.0
+            assert {r.load for r in [*spread, focused]} == {0}  # alike idle nodes
+            assert max(r.since for r in spread) < focused.since  # first come: spread
+            await held.store.release(held.held)
+            await eventually(
+                lambda: len(bucket.leases()) == 4,
+                60,
+                "all three pulls leased after the blocker",
+                details=fleet.logs,
+            )
+        fleet.stop()
+    # The slot went first where the next launch most likely needs the image.
+    holders = [lease.holder for _, lease in bucket.leases()]
+    assert holders == ["blocker", "focused", "spread", "spread"]
+
+
 # --- one puller in this process: the fallback and the withdrawal --------------------------
 
 

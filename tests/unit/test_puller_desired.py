@@ -127,3 +127,18 @@ def test_skips_are_reported_once_with_the_reason() -> None:
     change = d.set_node(NodeInfo("n1", {"pool": "b"}))
     assert set(change.skipped) == {"Deployment/ns/web"}
     assert change.removed == {"r/web:1"}
+
+
+def test_want_is_the_share_of_the_workloads_that_could_run_here() -> None:
+    d = DesiredSet(NODE)
+    assert d.want("r/x:1") == 0.0  # nothing here yet: no division by zero
+    d.apply(wis("a", "r/x:1", "r/y:1"), NOW)
+    d.apply(wis("b", "r/x:1"), NOW)
+    d.apply(wis("c", "r/z:1"), NOW)
+    d.apply(wis("d", "r/z:1"), NOW)
+    # Workloads that cannot run here do not count, in the share or under it.
+    d.apply(wis("elsewhere", "r/x:1", selector={"pool": "b"}), NOW)
+    assert (d.want("r/x:1"), d.want("r/y:1"), d.want("r/z:1")) == (0.5, 0.25, 0.5)
+    assert d.want("r/absent:1") == 0.0
+    d.apply(wis("c", deleted=True), NOW)
+    assert (d.want("r/x:1"), d.want("r/z:1")) == (2 / 3, 1 / 3)

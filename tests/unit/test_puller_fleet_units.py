@@ -226,29 +226,55 @@ H = "harbor.example.com"
 
 
 def _request(
-    token: str, *, since: float, share: int = 0, load: int = 0, holder: str = ""
+    token: str,
+    *,
+    since: float,
+    share: int = 0,
+    load: int = 0,
+    want: float = 0.0,
+    holder: str = "",
 ) -> Request:
     return Request(
-        H, holder or token, token, PullPriority.MISSING, since, 1e9, share=share, load=load
+        H,
+        holder or token,
+        token,
+        PullPriority.MISSING,
+        since,
+        1e9,
+        share=share,
+        load=load,
+        want=want,
     )
 
 
-def test_within_a_share_the_least_loaded_node_goes_first() -> None:
+def test_within_a_priority_the_least_loaded_node_goes_first() -> None:
     busy_early = _request("busy", since=1.0, load=7)
     idle_late = _request("idle", since=5.0, load=1)
-    idle_second = _request("idle-2nd", since=0.5, share=1, load=0, holder="idle")
+    idle_second = _request("idle-2nd", since=0.5, share=1, load=1, holder="idle")
     cold_busy = replace(busy_early, token="cold", priority=PullPriority.COLD, load=30)
     waiting = [busy_early, idle_late, idle_second, cold_busy]
     order = [r.token for r in sorted(waiting, key=Request.rank)]
-    # Priority first, then a node's first pull before any node's second, then the load;
-    # `since` only breaks ties of load.
-    assert order == ["cold", "idle", "busy", "idle-2nd"]
+    # Priority first, then the load (an idle node's second pull before a busy node's
+    # first), then its first pull before its second; `since` only breaks ties.
+    assert order == ["cold", "idle", "idle-2nd", "busy"]
     assert decide(idle_late, limit=2, leases=[], waiting=waiting, now=6.0) == Grant(
         slot=1, reason="slot 1 of 2"
     )
-    assert decide(busy_early, limit=2, leases=[], waiting=waiting, now=6.0) == Wait(ahead=2, free=2)
+    assert decide(busy_early, limit=2, leases=[], waiting=waiting, now=6.0) == Wait(ahead=3, free=2)
     same_load = [_request("a", since=2.0, load=3), _request("b", since=1.0, load=3)]
     assert [r.token for r in sorted(same_load, key=Request.rank)] == ["b", "a"]
+
+
+def test_within_a_load_the_image_more_of_a_nodes_workloads_use_goes_first() -> None:
+    narrow = _request("narrow", since=1.0, want=0.01)
+    wide_second = _request("wide-2nd", since=2.0, share=1, want=0.25, holder="wide")
+    wide_first = _request("wide-1st", since=3.0, want=0.25, holder="wide")
+    old_puller = _request("old", since=0.0)  # stored without `want`: reads as 0
+    busy_wide = _request("busy", since=0.0, load=2, want=1.0)
+    waiting = [narrow, wide_second, wide_first, old_puller, busy_wide]
+    order = [r.token for r in sorted(waiting, key=Request.rank)]
+    # The share then separates one node's pulls of alike images.
+    assert order == ["wide-1st", "wide-2nd", "narrow", "old", "busy"]
 
 
 def test_a_waiting_request_takes_its_nodes_new_load_and_keeps_its_share() -> None:
@@ -266,6 +292,18 @@ def test_a_waiting_request_takes_its_nodes_new_load_and_keeps_its_share() -> Non
     assert [g.token for g in table.release("b", 5.0)] == ["a"]
 
 
+def test_a_waiting_request_takes_the_images_new_want() -> None:
+    table = LeaseTable(parse_fleet_pulls(f"{H}=1"), ttl=30.0)
+    assert isinstance(table.request(H, "holder", "h", PullPriority.MISSING, 0.0), Lease)
+    assert table.request(H, "a", "a", PullPriority.MISSING, 1.0, want=0.5) is None
+    assert table.request(H, "b", "b", PullPriority.MISSING, 2.0, want=0.1) is None
+    # A release moved tenants to b's image while it waited: written again, b goes first.
+    assert table.request(H, "b", "b", PullPriority.MISSING, 3.0, want=0.6) is None
+    requests = {r.token: r for r in table.requests()}
+    assert (requests["b"].since, requests["b"].want) == (2.0, 0.6)
+    assert [g.token for g in table.release("h", 4.0)] == ["b"]
+
+
 def test_a_request_stored_without_a_load_reads_as_an_idle_node() -> None:
     """Pullers of the release before this field write requests without it; they must
     still be read (else their pulls would be invisible to every newer puller's order)."""
@@ -277,6 +315,18 @@ def test_a_request_stored_without_a_load_reads_as_an_idle_node() -> None:
     old["load"] = -1
     with pytest.raises(FleetPullsError, match="load must be a non-negative integer"):
         decode_request(json.dumps(old).encode())
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, "half", True, float("nan")])
+def test_a_stored_want_outside_zero_to_one_is_refused(bad: object) -> None:
+    request = _request("tok", since=2.0, want=0.25)
+    assert decode_request(encode_request(request)) == request
+    stored = json.loads(encode_request(request))
+    del stored["want"]
+    assert decode_request(json.dumps(stored).encode()) == replace(request, want=0.0)
+    stored["want"] = bad
+    with pytest.raises(FleetPullsError, match="want must be a number from 0 to 1"):
+        decode_request(json.dumps(stored).encode())
 
 
 class CountingEngine:

@@ -20,8 +20,9 @@ node's own refreshes waiting for a lease give way to its missing images
 (`pacing.to_withdraw`); and new nodes join with `cedar.io/warming:NoSchedule`, lifted when
 `cedar.puller.warmup.decide` says so. A lease request carries the node's load, read by
 Cedar's `cedar.puller.pulls.NodeLoad` from the simulated engine's running containers (at
-most `LOAD_MAX_AGE` old), and is asked again with the new load while it waits, as
-`LeaseStore.acquire` writes it again when the load changed.
+most `LOAD_MAX_AGE` old), and the image's `want` (`DesiredSet.want`), and is asked again
+with both while it waits, as `LeaseStore.acquire` writes it again when the load changed
+and at each renewal.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from cedar.proto.imageref import parse
 from cedar.puller.desired import Change, DesiredSet
 from cedar.puller.engine import classify
 from cedar.puller.pacing import (
+    DEFAULT_LEASE_TTL,
     LeaseTable,
     parse_fleet_pulls,
     priority_of,
@@ -67,6 +69,9 @@ from fleetsim.cedar_parts import (
 
 if TYPE_CHECKING:
     from fleetsim.cluster import Cluster, Node
+
+# LeaseStore.acquire writes a waiting request again at a third of the TTL (renew_due).
+RENEW_EVERY = DEFAULT_LEASE_TTL / 3.0
 
 
 class CedarStrategy:
@@ -428,6 +433,8 @@ class CedarPuller:
                 "refresh" if kind == "refresh" else "pull", node_warming=self.node.warming
             )
             attempt.load = run_sync(self.load.current())
+            attempt.want = self.desired.want(image) if self.desired is not None else 0.0
+            attempt.written_at = self.sim.now
             granted = table.request(
                 ref.registry,
                 self.node.name,
@@ -435,6 +442,7 @@ class CedarPuller:
                 attempt.priority,
                 self.sim.now,
                 load=attempt.load,
+                want=attempt.want,
             )
             if granted is None:
                 attempt.waiting = True
@@ -449,25 +457,31 @@ class CedarPuller:
             self.sim.at(self.sim.now + self.load.max_age, self._look_at_load)
 
     def _look_at_load(self) -> None:
-        """LeaseStore.acquire's loop: a waiting request is written again with the node's
-        load when it changed (NodeLoad lists at most every `max_age`)."""
+        """LeaseStore.acquire's loop: a waiting request is written again, with the image's
+        current `want`, when the node's load changed (NodeLoad lists at most every
+        `max_age`) and when its renewal is due (a third of the lease TTL)."""
         self.load_ticking = False
         waiting = [a for a in self.in_flight.values() if a.waiting and not a.done]
         table = self.strategy.table
-        if self.stopped or not waiting or table is None:
+        desired = self.desired
+        if self.stopped or not waiting or table is None or desired is None:
             return
         load = run_sync(self.load.current())
+        now = self.sim.now
         for attempt in waiting:
-            if attempt.load == load:
+            if attempt.load == load and now - attempt.written_at < RENEW_EVERY:
                 continue
             attempt.load = load
+            attempt.want = desired.want(attempt.image)
+            attempt.written_at = now
             granted = table.request(
                 attempt.registry,
                 self.node.name,
                 attempt.token,
                 attempt.priority,
-                self.sim.now,
+                now,
                 load=load,
+                want=attempt.want,
             )
             if granted is not None:
                 self.strategy.waiting.pop(attempt.token, None)

@@ -105,6 +105,8 @@ class Attempt:
     callback: Callable[[bool, str], None] | None = None
     registry: str = ""
     load: int = 0  # the node's load its lease request carries
+    want: float = 0.0  # the image's share of the node's workloads, in the same request
+    written_at: float = 0.0  # when the request was last written
 
 
 @dataclass

@@ -75,6 +75,12 @@ class DesiredSet:
     def priority(self, image: str) -> int:
         return len(self._wanted.get(image, ()))
 
+    def want(self, image: str) -> float:
+        """The share (0 to 1) of the workloads that could run here that use `image`: the
+        chance that this node's next launch needs it, if launches are alike across them."""
+        admitted = len(self._contrib)
+        return len(self._wanted.get(image, ())) / admitted if admitted else 0.0
+
     def workloads_of(self, image: str, limit: int = 20) -> tuple[str, ...]:
         return tuple(sorted(self._wanted.get(image, ()))[:limit])
 

@@ -9,7 +9,9 @@ How (pacing.py's docstring has why a KV bucket with per-key TTL):
 
 - A pull from a paced registry first writes its **request** `wait.<registry>.<token>` with
   a per-message TTL (`Nats-TTL`, the lease TTL), refreshed while it waits, and written
-  again when the node's load (its running containers, part of the order) has changed.
+  again when the node's load (its running containers, part of the order) has changed;
+  each write carries the image's current `want` (the share of the node's workloads that
+  use it, also part of the order).
   Every puller follows the bucket (last message per key, then every change), so each one
   sees the same leases and requests and computes the same order (`pacing.decide`).
 - When `decide` grants slot N, the puller **creates** `lease.<registry>.<N>`: creation
@@ -291,10 +293,13 @@ class LeaseStore:
         priority: PullPriority,
         *,
         load: Callable[[], Awaitable[int]] | None = None,
+        want: Callable[[], float] | None = None,
     ) -> Held:
         """Wait for a lease of `registry` (at once when it is not paced or the store is
         unavailable). `load` gives the node's running containers, read when the request is
-        written and at each look while it waits. Cancelling withdraws the request."""
+        written and at each look while it waits; `want` the share of the node's workloads
+        that use the image, read at each write (so it costs no write of its own).
+        Cancelling withdraws the request."""
         host = canonical_registry(registry)
         limit = self.budget.limit_for(host)
         if limit is None:
@@ -311,6 +316,7 @@ class LeaseStore:
             request,
             share=share_of(self.holder, host, leases, requests, now),
             load=await load() if load is not None else 0,
+            want=want() if want is not None else 0.0,
         )
         gauge = metrics.FLEET_WAITING.labels(registry=host)
         gauge.inc()
@@ -328,7 +334,12 @@ class LeaseStore:
                 now = self.clock()
                 # Refreshed as renew_due says, and at once when the node's load changed.
                 if now >= request.expires_at - self.ttl * 2.0 / 3.0 or current != request.load:
-                    request = replace(request, expires_at=now + self.ttl, load=current)
+                    request = replace(
+                        request,
+                        expires_at=now + self.ttl,
+                        load=current,
+                        want=want() if want is not None else request.want,
+                    )
                     await self._write_request(request)
                 news.clear()
                 leases, requests = self._seen(now)

@@ -71,7 +71,12 @@ def _decode(data: bytes, cls: type[Lease] | type[Request]) -> dict[str, Any]:
                 )
             out[f.name] = raw
         elif f.type == "float":
-            if isinstance(raw, bool) or not isinstance(raw, int | float):
+            number = not isinstance(raw, bool) and isinstance(raw, int | float)
+            if f.name == "want" and not (number and 0.0 <= raw <= 1.0):  # NaN fails too
+                raise FleetPullsError(
+                    f"stored {what}: want must be a number from 0 to 1, not {raw!r}"
+                )
+            if not number:
                 raise FleetPullsError(f"stored {what}: {f.name} must be a number, not {raw!r}")
             out[f.name] = float(raw)
         else:

@@ -11,14 +11,18 @@ aliases become `docker.io`), so `Harbor.Example.com` and `harbor.example.com` ar
 
 **Order.** A pull waits for a lease of its registry. Requests are ranked by priority: a
 node whose warm-up gate is still closed (a new node, empty cache) before a missing image on
-a warm node, before a refresh. Within a priority, by `share`, the number of leases and
-requests its node already had for that registry when it asked (a node's first pull before
-any node's second): the budget spreads over nodes instead of piling onto a few, whose own
-bandwidth would then bound the registry's throughput. Within a share, by `load`, the
-containers running on the node (kept current while the request waits): the scheduler puts
-the next launches on the least loaded nodes (kube-scheduler's default scoring, for alike
-pods), so those should have the new images first. Then first come, first served, then by
-holder and token, so that every node computes the same order from the same data.
+a warm node, before a refresh. Within a priority, by `load`, the containers running on the
+node (kept current while the request waits): the scheduler puts the next launches on the
+least loaded nodes (kube-scheduler's default scoring, for alike pods), so those should have
+the new images first. Within a load, by `want`, the share of the node's workloads that use
+the image (kept current too): the chance that the node's next launch needs it, so a pull
+that serves a tenth of a node's workloads goes before one that serves a hundredth, whatever
+pool either node is in. Then by `share`, the number of leases and requests its node already
+had for that registry when it asked (a node's first pull before its second): the budget
+spreads over alike nodes instead of piling onto a few, whose own bandwidth would then bound
+the registry's throughput. Then first come, first served, then by holder and token, so that
+every node computes the same order from the same data. (The order was chosen by running the
+fleet simulation of bench/fleet over the alternatives; docs/benchmarks.md has the figures.)
 A request may take a slot only when fewer requests rank ahead of it than slots are free,
 and it takes the free slot whose index is its rank among the waiters: requests that see the
 same table choose different slots, so compare-and-set races are rare.
@@ -153,8 +157,8 @@ def _count(entry: str, text: str) -> int:
 # --- leases and requests -------------------------------------------------------------------
 
 
-# The order of requests (lower first): priority, share, load, since, holder, token.
-Rank = tuple[int, int, int, float, str, str]
+# The order of requests (lower first): priority, load, -want, share, since, holder, token.
+Rank = tuple[int, int, float, int, float, str, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,9 +175,20 @@ class Request:
     # Containers running on the holder's node, as of the request's last write. Requests
     # stored by pullers that did not send it read as 0.
     load: int = 0
+    # The share (0 to 1) of the node's workloads that use the image, as of the last write.
+    # Requests stored by pullers that did not send it read as 0: after the others.
+    want: float = 0.0
 
     def rank(self) -> Rank:
-        return (int(self.priority), self.share, self.load, self.since, self.holder, self.token)
+        return (
+            int(self.priority),
+            self.load,
+            -self.want,
+            self.share,
+            self.since,
+            self.holder,
+            self.token,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,11 +346,13 @@ class LeaseTable:
         now: float,
         *,
         load: int = 0,
+        want: float = 0.0,
     ) -> Lease | Grant | None:
         """A Lease when granted now, Grant(slot=None) when the registry is not paced, None
         to wait (then `release()` or `expire()` hands the lease over later). Asking again
         with the same token refreshes the request: it keeps its share and `since`, and
-        takes the node's `load` now (its place moves if the load changed)."""
+        takes the node's `load` and the image's `want` now (its place moves if they
+        changed)."""
         host = canonical_registry(registry)
         limit = self.budget.limit_for(host)
         if limit is None:
@@ -351,7 +368,7 @@ class LeaseTable:
             since = now
         else:
             share, since = previous.share, previous.since
-        mine = Request(host, holder, token, priority, since, now + self.ttl, share, load)
+        mine = Request(host, holder, token, priority, since, now + self.ttl, share, load, want)
         self._requests[token] = mine
         if previous is None or previous.rank() != mine.rank():
             heapq.heappush(self._queue.setdefault(host, []), (mine.rank(), token))

@@ -8,7 +8,7 @@ the image's record is decided by plan.py. A pull waiting for a lease can be with
 (`withdraw`): its record goes back to what it was, nothing is counted as failed. A lease
 request carries the node's load, the containers the engine says run (`NodeLoad`: one
 listing at most every few seconds, shared by the pulls waiting then, none while nothing
-waits).
+waits) and the image's `want`, the share of the node's workloads that use it.
 """
 
 from __future__ import annotations
@@ -191,7 +191,13 @@ class Pulls:
         self.waiting[image] = priority
         try:
             token = self.leases.new_token(image)
-            return await self.leases.acquire(registry, token, priority, load=self.load.current)
+            return await self.leases.acquire(
+                registry,
+                token,
+                priority,
+                load=self.load.current,
+                want=lambda: self.desired.want(image),
+            )
         except asyncio.CancelledError:
             if image in self.waiting:
                 raise  # not a withdrawal: the puller stops
