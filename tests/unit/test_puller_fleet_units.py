@@ -277,31 +277,23 @@ def test_within_a_load_the_image_more_of_a_nodes_workloads_use_goes_first() -> N
     assert order == ["wide-1st", "wide-2nd", "narrow", "old", "busy"]
 
 
-def test_a_waiting_request_takes_its_nodes_new_load_and_keeps_its_share() -> None:
+def test_a_waiting_request_takes_its_nodes_new_load_and_want_and_keeps_its_share() -> None:
     table = LeaseTable(parse_fleet_pulls(f"{H}=1"), ttl=30.0)
     assert isinstance(table.request(H, "holder", "h", PullPriority.MISSING, 0.0), Lease)
     assert table.request(H, "a", "a", PullPriority.MISSING, 1.0, load=2) is None
     assert table.request(H, "b", "b", PullPriority.MISSING, 2.0, load=4) is None
-    # b's pods ended, a got a launch: asked again (as a waiting puller writes its request
-    # again), b now goes first; since and share stay those of the first ask.
-    assert table.request(H, "b", "b", PullPriority.MISSING, 3.0, load=0) is None
+    assert table.request(H, "c", "c", PullPriority.MISSING, 2.5, load=0, want=0.1) is None
+    # b's pods ended, a got a launch, and a release moved tenants to b's image: asked
+    # again (as a waiting puller writes its request again), b now goes first, then c
+    # (as idle, a smaller share), then a; since and share stay those of the first ask.
+    assert table.request(H, "b", "b", PullPriority.MISSING, 3.0, load=0, want=0.6) is None
     assert table.request(H, "a", "a", PullPriority.MISSING, 3.0, load=3) is None
     requests = {r.token: r for r in table.requests()}
-    assert (requests["b"].since, requests["b"].share, requests["b"].load) == (2.0, 0, 0)
+    b = requests["b"]
+    assert (b.since, b.share, b.load, b.want) == (2.0, 0, 0, 0.6)
     assert [g.token for g in table.release("h", 4.0)] == ["b"]
-    assert [g.token for g in table.release("b", 5.0)] == ["a"]
-
-
-def test_a_waiting_request_takes_the_images_new_want() -> None:
-    table = LeaseTable(parse_fleet_pulls(f"{H}=1"), ttl=30.0)
-    assert isinstance(table.request(H, "holder", "h", PullPriority.MISSING, 0.0), Lease)
-    assert table.request(H, "a", "a", PullPriority.MISSING, 1.0, want=0.5) is None
-    assert table.request(H, "b", "b", PullPriority.MISSING, 2.0, want=0.1) is None
-    # A release moved tenants to b's image while it waited: written again, b goes first.
-    assert table.request(H, "b", "b", PullPriority.MISSING, 3.0, want=0.6) is None
-    requests = {r.token: r for r in table.requests()}
-    assert (requests["b"].since, requests["b"].want) == (2.0, 0.6)
-    assert [g.token for g in table.release("h", 4.0)] == ["b"]
+    assert [g.token for g in table.release("b", 5.0)] == ["c"]
+    assert [g.token for g in table.release("c", 6.0)] == ["a"]
 
 
 def test_a_request_stored_without_a_load_reads_as_an_idle_node() -> None:
