@@ -16,6 +16,7 @@ from cedar.puller.lease_codec import (
     request_key,
 )
 from cedar.puller.pacing import (
+    MAX_LOOK_INTERVAL,
     FleetBudget,
     FleetPullsError,
     Grant,
@@ -25,6 +26,7 @@ from cedar.puller.pacing import (
     Request,
     Wait,
     decide,
+    next_look,
     parse_fleet_pulls,
     priority_of,
     renew_due,
@@ -146,6 +148,24 @@ def test_renewal_rules() -> None:
     assert fresh.expires_at == 40.0
     assert fresh.acquired_at == 0.0
     assert fresh.slot == 0
+    waiting = Request(H, "n", "w", PullPriority.MISSING, 0.0, 30.0)
+    assert not renew_due(waiting, 9.9, 30.0) and renew_due(waiting, 10.0, 30.0)
+
+
+def test_a_waiter_looks_again_when_something_ahead_of_it_could_lapse() -> None:
+    mine = Request(H, "me", "mine", PullPriority.MISSING, 5.0, 35.0)
+    ahead = Request(H, "a", "ahead", PullPriority.COLD, 6.0, 7.5)
+    behind = Request(H, "b", "behind", PullPriority.REFRESH, 0.0, 6.5)
+    elsewhere = Lease("quay.io", 0, "c", "q", PullPriority.MISSING, 0.0, 6.2)
+    held = Lease(H, 0, "d", "held", PullPriority.MISSING, 0.0, 8.0)
+    lapsed = Lease(H, 1, "e", "gone", PullPriority.MISSING, 0.0, 5.0)
+    leases, requests = [held, elsewhere, lapsed], [ahead, behind, mine]
+    # The request ranked ahead lapses first; the one behind and the other registry's lease
+    # cannot let `mine` go, and a lapsed lease is no longer in the way.
+    assert next_look(mine, leases, requests, 6.0, ttl=30.0) == pytest.approx(1.5)
+    assert next_look(mine, [held], [mine], 6.0, ttl=30.0) == pytest.approx(2.0)
+    assert next_look(mine, [], [mine], 6.0, ttl=30.0) == MAX_LOOK_INTERVAL
+    assert next_look(mine, [], [mine], 14.99, ttl=30.0) == pytest.approx(0.05)  # renewal due
 
 
 def test_withdraw_only_lower_priorities_lowest_first() -> None:

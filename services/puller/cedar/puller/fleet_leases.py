@@ -73,6 +73,7 @@ from cedar.puller.pacing import (
     Request,
     decide,
     live,
+    next_look,
     renew_due,
     share_of,
     without_store,
@@ -88,8 +89,6 @@ _WRONG_LAST_SEQUENCE = (10071, 10164)
 _STORE_DOWN_FOR = 10.0
 # Creates of a slot that lapsed between create's write and its look, before giving it up.
 _CLAIM_TRIES = 3
-# The longest a waiter sleeps without news: it looks again at least this often.
-_MAX_NAP = 2.0
 # How long a start waits for the view to be read before deciding on what it has.
 _VIEW_PATIENCE = 3.0
 _IDLE_HEARTBEAT = 2.0
@@ -333,7 +332,7 @@ class LeaseStore:
                 current = await load() if load is not None else request.load
                 now = self.clock()
                 # Refreshed as renew_due says, and at once when the node's load changed.
-                if now >= request.expires_at - self.ttl * 2.0 / 3.0 or current != request.load:
+                if renew_due(request, now, self.ttl) or current != request.load:
                     request = replace(
                         request,
                         expires_at=now + self.ttl,
@@ -357,7 +356,7 @@ class LeaseStore:
                         return held
                     nap = 0.2  # lost the slot to another puller: look again shortly
                 else:
-                    nap = self._nap(leases, requests, request, now)
+                    nap = next_look(request, leases, requests, now, ttl=self.ttl)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(news.wait(), nap)
         except BusError as err:
@@ -368,20 +367,6 @@ class LeaseStore:
             gauge.dec()
             if written:
                 self._spawn(self._remove(request_key(host, token), None))
-
-    def _nap(
-        self, leases: list[Lease], requests: list[Request], mine: Request, now: float
-    ) -> float:
-        """Until something that could let `mine` go happens: a lease or a request ranked
-        ahead lapses, or its own request is due for a refresh."""
-        due = [mine.expires_at - self.ttl * 2.0 / 3.0, now + _MAX_NAP]
-        due += [x.expires_at for x in live(leases, now) if x.registry == mine.registry]
-        due += [
-            x.expires_at
-            for x in live(requests, now)
-            if x.registry == mine.registry and x.rank() < mine.rank()
-        ]
-        return max(0.05, min(due) - now)
 
     async def _claim(self, request: Request, slot: int, limit: int) -> Held | None:
         now = self.clock()

@@ -57,6 +57,7 @@ from cedar.puller.errors import PullerConfigError
 FLEET_PULLS_VARIABLE = "CEDAR_REGISTRY_FLEET_PULLS"
 WILDCARD = "*"
 DEFAULT_LEASE_TTL = 30.0
+MAX_LOOK_INTERVAL = 2.0  # a waiting request looks at the table at least this often
 MAX_BUDGET = 100_000
 _HOST = re.compile(
     r"^(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*"
@@ -265,10 +266,26 @@ def without_store(request: Request) -> Grant:
     )
 
 
-def renew_due(lease: Lease, now: float, ttl: float) -> bool:
-    """Renew once a third of the TTL has passed since the lease was taken or last renewed:
-    two renewals can fail before a live holder loses its lease."""
-    return now >= lease.expires_at - ttl * 2.0 / 3.0
+def renew_due(item: Lease | Request, now: float, ttl: float) -> bool:
+    """Renew (a lease, or a waiting request) once a third of the TTL has passed since it was
+    written: two renewals can fail before a live holder loses it."""
+    return now >= item.expires_at - ttl * 2.0 / 3.0
+
+
+def next_look(
+    mine: Request, leases: list[Lease], requests: list[Request], now: float, *, ttl: float
+) -> float:
+    """Seconds a waiting request may sleep until something that could let it go happens: a
+    lease or a request ranked ahead lapses, or its own renewal falls due (at most
+    MAX_LOOK_INTERVAL, at least 50 ms)."""
+    due = [mine.expires_at - ttl * 2.0 / 3.0, now + MAX_LOOK_INTERVAL]
+    due += [x.expires_at for x in live(leases, now) if x.registry == mine.registry]
+    due += [
+        x.expires_at
+        for x in live(requests, now)
+        if x.registry == mine.registry and x.rank() < mine.rank()
+    ]
+    return max(0.05, min(due) - now)
 
 
 def renewed(lease: Lease, now: float, ttl: float) -> Lease:
