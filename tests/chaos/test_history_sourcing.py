@@ -68,11 +68,19 @@ async def test_changes_made_while_the_last_value_stream_lags_are_all_in_the_hist
 async def test_sources_caught_up_waits_for_the_copy_and_says_when_it_did_not(
     js: JetStreamContext,
 ) -> None:
-    # Sourcing a history that does not exist yet: never caught up.
-    await ensure_stream(js, topology.workloads_stream(SETTINGS))
-    assert not await sources_caught_up(js, subjects.STREAM_WORKLOADS, within=0.5)
+    # A source whose origin does not exist: never caught up. (The server retries such a
+    # source on its own schedule, about 10 s apart here; the test must not wait on that.)
+    orphan = StreamConfig(
+        name="CEDAR_TEST_ORPHAN",
+        sources=[StreamSource(name="CEDAR_TEST_NO_SUCH_STREAM")],
+        storage=StorageType.MEMORY,
+    )
+    await js.add_stream(orphan)
+    assert not await sources_caught_up(js, orphan.name or "", within=0.5)
+    # 2,000 changes in the history before the copy exists: it must wait for all of them.
     await ensure_stream(js, topology.history_stream(SETTINGS))
     await asyncio.gather(*[_publish(js, f"{SUBJECT}-{i}", i) for i in range(2000)])
+    await ensure_stream(js, topology.workloads_stream(SETTINGS))
     assert await sources_caught_up(js, subjects.STREAM_WORKLOADS, within=20)
     info = await js.stream_info(subjects.STREAM_WORKLOADS)
     assert info.state.messages == 2000  # everything copied when it says so
